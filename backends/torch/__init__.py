@@ -1,0 +1,1 @@
+"""PyTorch backend (transformers models, CPU and CUDA)."""

@@ -1,0 +1,153 @@
+"""Measure pre-RoPE query statistics of a transformers model on calibration text.
+
+TriAttention scores keys with, per (layer, query head, frequency pair f), the complex mean E[q_f] and the mean
+magnitude E|q_f| of the queries *before* RoPE. We run the text through the model and capture those queries with
+forward hooks: after q_norm where the model has one (Qwen3), else straight from q_proj. (The reference calibration
+skipped Qwen3's q_norm; the attention actually rotates the normed query, so that is what we must measure.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from ...errors import UserError
+from ...rope import ModelShape
+from ...stats.format import QueryStats, meta_for_model
+
+SOURCE = "triattn calibrate"
+
+
+def calibration_token_ids(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """Token ids of the text as the model would see it in a prompt (the tokenizer's usual specials, e.g. BOS)."""
+    ids = list(tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"])
+    return ids[:max_tokens] if max_tokens is not None else ids
+
+
+class _QueryAccumulator:
+    """Float64 running sums of q_f and |q_f| per (head, f) for one layer, fed by a forward hook."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.sum_real = self.sum_imag = self.sum_abs = None
+        self.tokens = 0
+
+    def hook(self, module, args, output) -> None:
+        q = output.detach()
+        if q.device.type == "mps":  # no float64 on MPS
+            q = q.cpu()
+        q = q.reshape(-1, self.num_heads, self.head_dim).to(torch.float64)  # [tokens, H, D] from [B,T,H,D] or [B,T,H*D]
+        d = self.head_dim // 2
+        re, im = q[..., :d], q[..., d:]  # 'half' pairing, as HF rotate_half
+        sums = (re.sum(0), im.sum(0), torch.sqrt(re * re + im * im).sum(0))
+        if self.sum_real is None:
+            self.sum_real, self.sum_imag, self.sum_abs = sums
+        else:
+            self.sum_real += sums[0]
+            self.sum_imag += sums[1]
+            self.sum_abs += sums[2]
+        self.tokens += q.shape[0]
+
+
+def _query_module(layer, index: int):
+    """The module whose output is the pre-RoPE query: q_norm if the attention has one, else q_proj."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or not hasattr(attn, "q_proj"):
+        raise UserError(f"layer {index} has no self_attn.q_proj: this model architecture is not supported")
+    q_norm = getattr(attn, "q_norm", None)
+    return q_norm if q_norm is not None else attn.q_proj
+
+
+def _cache_kwarg(base_model) -> str:
+    """transformers 5.24 renamed past_key_values to cache; pass whichever this version's forward takes."""
+    params = inspect.signature(base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def calibrate(
+    model,
+    tokenizer,
+    text: str,
+    *,
+    model_id: str,
+    max_tokens: int | None = None,
+    chunk_tokens: int = 2048,
+    progress: bool = True,
+) -> QueryStats:
+    """Run the text through the model in chunks (one growing KV cache) and return its pre-RoPE query stats."""
+    from transformers import DynamicCache
+
+    if chunk_tokens < 1:
+        raise UserError(f"chunk size must be at least 1 token (got {chunk_tokens})")
+    shape = ModelShape.from_hf_config(model.config.to_dict())
+    inv_freq, freq_scale = shape.rope_frequencies()
+    ids = calibration_token_ids(tokenizer, text, max_tokens)
+    n = len(ids)
+    if n == 0:
+        raise UserError("calibration text has no tokens")
+
+    base = getattr(model, "model", None)  # the decoder without lm_head: no logits needed
+    if base is None or not hasattr(base, "layers"):
+        raise UserError(f"{type(model).__name__} has no model.layers: this model architecture is not supported")
+    layers = list(base.layers)
+    if len(layers) != shape.num_layers:
+        raise UserError(f"model has {len(layers)} layers, its config says {shape.num_layers}")
+    accs = [_QueryAccumulator(shape.num_heads, shape.head_dim) for _ in layers]
+    handles = []
+    try:
+        for i, (layer, acc) in enumerate(zip(layers, accs)):
+            handles.append(_query_module(layer, i).register_forward_hook(acc.hook))
+        device = next(model.parameters()).device
+        all_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        cache_kw = _cache_kwarg(base)
+        with torch.inference_mode(), _progress(progress, n) as advance:
+            cache = DynamicCache(config=model.config)
+            for start in range(0, n, chunk_tokens):
+                chunk = all_ids[:, start : start + chunk_tokens]
+                positions = torch.arange(start, start + chunk.shape[1], device=device).unsqueeze(0)
+                base(input_ids=chunk, position_ids=positions, use_cache=True, **{cache_kw: cache})
+                advance(chunk.shape[1])
+    finally:
+        for h in handles:
+            h.remove()
+
+    for i, acc in enumerate(accs):
+        if acc.tokens != n:
+            raise RuntimeError(f"layer {i}: captured queries of {acc.tokens} tokens, expected {n}")
+
+    def mean(total: torch.Tensor) -> np.ndarray:
+        return (total.cpu().numpy() / n).astype(np.float32)
+
+    q_mean_real = np.stack([mean(a.sum_real) for a in accs])
+    q_mean_imag = np.stack([mean(a.sum_imag) for a in accs])
+    q_abs_mean = np.stack([mean(a.sum_abs) for a in accs])
+    meta = meta_for_model(
+        shape,
+        model_id,
+        calibration_tokens=n,
+        calibration_text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        source=SOURCE,
+    )
+    stats = QueryStats(meta, q_mean_real, q_mean_imag, q_abs_mean, inv_freq, freq_scale)
+    stats.validate("calibration result")
+    return stats
+
+
+@contextmanager
+def _progress(enabled: bool, total: int):
+    """Yield advance(k): a transient rich progress bar over tokens on stderr, or a no-op."""
+    if not enabled:
+        yield lambda k: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("calibrating", total=total)
+        yield lambda k: bar.advance(task, k)

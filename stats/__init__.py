@@ -1,0 +1,1 @@
+"""Stats format v1: per-head pre-RoPE query statistics (see FORMAT.md)."""

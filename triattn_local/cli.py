@@ -1,0 +1,194 @@
+"""The `triattn` command line. Heavy libraries (torch, transformers, backends) are imported inside commands only,
+so that `triattn --help` answers at once."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="triattn",
+    help="Run reasoning models locally with TriAttention KV-cache compression.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rich's help formatter costs ~100 ms of start-up
+)
+stats_app = typer.Typer(help="Inspect, import and export TriAttention stats files.", no_args_is_help=True,
+                        rich_markup_mode=None)
+app.add_typer(stats_app, name="stats")
+
+POLICY_HELP = "Compression policy"
+SAMPLING_HELP = "Sampling"
+
+
+def _err(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help="Model directory (Hugging Face format)."),
+    prompt: Optional[str] = typer.Argument(None, help="Prompt; read from stdin when omitted."),
+    no_compress: bool = typer.Option(False, "--no-compress", help="Full attention: no KV compression."),
+    budget: int = typer.Option(2048, help="KV tokens kept per layer and head after each round.", rich_help_panel=POLICY_HELP),
+    divide_length: int = typer.Option(128, help="Compress every N tokens (the cache peaks at budget + N).", rich_help_panel=POLICY_HELP),
+    window: int = typer.Option(128, help="Most recent tokens always kept.", rich_help_panel=POLICY_HELP),
+    sink: int = typer.Option(4, "--sink", help="First tokens always kept (attention sinks).", rich_help_panel=POLICY_HELP),
+    protect_prefill: bool = typer.Option(False, "--protect-prefill/--no-protect-prefill", help="Keep the whole prompt while it fits the budget.", rich_help_panel=POLICY_HELP),
+    pruning_mode: str = typer.Option("per_head", help="per_layer_head | per_head | global.", rich_help_panel=POLICY_HELP),
+    stats: Optional[str] = typer.Option(None, help="Stats file (default: next to the model, in the cache, or calibrated now).", rich_help_panel=POLICY_HELP),
+    max_tokens: int = typer.Option(1024, help="Most tokens to generate.", rich_help_panel=SAMPLING_HELP),
+    temperature: float = typer.Option(0.6, help="0 is greedy.", rich_help_panel=SAMPLING_HELP),
+    top_p: float = typer.Option(0.95, help="Nucleus sampling mass.", rich_help_panel=SAMPLING_HELP),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling.", rich_help_panel=SAMPLING_HELP),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16."),
+    backend: str = typer.Option("auto", help="auto | torch | mlx | llamacpp."),
+    kv_trace: Optional[str] = typer.Option(None, "--kv-trace", help="Write kept positions of every round as JSON lines."),
+):
+    """Stream a completion for PROMPT, with the KV cache held to the budget."""
+    options = dict(locals())
+    from .run import run_command
+
+    run_command(**options)
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="Model directory (Hugging Face format)."),
+    output: str = typer.Option(..., "--output", "-o", help="Stats file to write (.safetensors)."),
+    input: Optional[str] = typer.Option(None, "--input", "-i", help="Calibration text (default: the text shipped with triattn)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Use at most this many tokens of the text."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16."),
+    backend: str = typer.Option("auto", help="auto | torch | mlx | llamacpp."),
+):
+    """Measure a model's pre-RoPE query statistics and write them in triattn's stats format."""
+    from .backends import load_engine
+    from .calibration_text import load_calibration_text
+
+    text = load_calibration_text(input)
+    engine = load_engine(model, backend=backend, device=device, dtype=dtype)
+    result = engine.calibrate(text, progress=True, max_tokens=max_tokens)
+    result.save(output)
+    print(f"wrote {output}: {result.meta.calibration_tokens} tokens, "
+          f"{result.meta.num_layers} layers x {result.meta.num_heads} heads", file=sys.stderr)
+
+
+@stats_app.command("show")
+def stats_show(file: str = typer.Argument(..., help="Stats file.")):
+    """Summarise a stats file, with how concentrated each head's queries are."""
+    from rich.console import Console
+
+    from .stats.format import QueryStats
+    from .stats.reference import stats_summary
+
+    Console().print(stats_summary(QueryStats.load(file)))
+
+
+@stats_app.command("import")
+def stats_import(
+    ref: str = typer.Argument(..., help="Reference TriAttention stats (.pt)."),
+    model: str = typer.Option(..., "--model", help="The model directory the stats belong to (config.json is enough)."),
+    output: str = typer.Option(..., "--output", "-o", help="Stats file to write (.safetensors)."),
+):
+    """Convert reference TriAttention stats (.pt) to triattn's format, checked against the model."""
+    from .stats.reference import import_reference
+
+    result = import_reference(ref, model)
+    result.save(output)
+    print(f"wrote {output}", file=sys.stderr)
+
+
+@stats_app.command("export")
+def stats_export(
+    file: str = typer.Argument(..., help="triattn stats file."),
+    format: str = typer.Option("reference", "--format", help="Only 'reference' (the TriAttention vLLM/SGLang .pt)."),
+    output: str = typer.Option(..., "--output", "-o", help="File to write."),
+):
+    """Write stats in the reference TriAttention format, for its vLLM/SGLang plugins."""
+    from .errors import UserError
+    from .stats.format import QueryStats
+    from .stats.reference import export_reference
+
+    if format != "reference":
+        raise UserError(f"unknown export format {format!r} (only 'reference')")
+    export_reference(QueryStats.load(file), output)
+    print(f"wrote {output}", file=sys.stderr)
+
+
+@app.command()
+def doctor():
+    """Hardware, installed backends, and which backend --backend auto picks."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .backends import BACKENDS, IMPLEMENTED, choose_backend, installed
+    from .doctor import hardware, package_versions
+    from .errors import UserError
+
+    console = Console()
+    table = Table(title="hardware", show_header=False)
+    for what, finding in hardware():
+        table.add_row(what, finding)
+    console.print(table)
+    versions = package_versions()
+    table = Table(title="packages")
+    table.add_column("package")
+    table.add_column("version")
+    for name, version in versions.items():
+        table.add_row(name, version or "[dim]not installed[/dim]")
+    console.print(table)
+    for name in BACKENDS:
+        state = "installed" if installed(name) else "not installed"
+        state += "" if name in IMPLEMENTED else " · not implemented yet in triattn"
+        console.print(f"backend {name}: {state}")
+    try:
+        chosen, why = choose_backend("auto")
+        console.print(f"--backend auto picks [bold]{chosen}[/bold]: {why}")
+    except UserError as e:
+        console.print(f"--backend auto: {e}")
+
+
+def main() -> None:
+    """Entry point: bad input ends in one line on stderr and exit code 2, never a traceback."""
+    import os
+
+    try:  # typer ≥ 0.25 vendors click
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    except ImportError:
+        from click.exceptions import ClickException, NoArgsIsHelpError
+
+    from .errors import UserError
+
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx else str(e))
+        code = 0
+    except ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        code = e.exit_code
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        code = 1
+    except Exception as e:  # an internal error: one line, with a way to see the traceback
+        if os.environ.get("TRIATTN_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (set TRIATTN_DEBUG=1 for the traceback)", file=sys.stderr)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

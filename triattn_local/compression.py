@@ -1,0 +1,109 @@
+"""Backend-independent bookkeeping of one sequence's compressed KV cache.
+
+The backend stores K/V; this tracks the original position of every cache slot of every (layer, KV head), runs the
+scorer and the budget policy when a round is due, and hands back which slots to keep. Positions stay original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .policy import BudgetPolicy
+from .scorer import TriAttentionScorer
+
+
+@dataclass
+class RoundRecord:
+    """One compression round: when it happened and which original positions each choosing row kept."""
+
+    round: int
+    step: int  # tokens processed (prompt + generated) when the round ran
+    kept: list[tuple[int | None, int | None, list[int]]] = field(default_factory=list)  # (layer, kv_head, positions)
+
+    def trace_lines(self) -> list[dict]:
+        return [
+            {"round": self.round, "step": self.step, "layer": layer, "kv_head": head, "kept_positions": positions}
+            for layer, head, positions in self.kept
+        ]
+
+
+class CompressionState:
+    """Slot positions [layers, kv_heads, T] of one sequence, plus the counters users see."""
+
+    def __init__(self, policy: BudgetPolicy, scorer: TriAttentionScorer, num_layers: int, num_kv_heads: int,
+                 group_aggregation: str = "max"):
+        self.policy = policy
+        self.scorer = scorer
+        self.group_aggregation = group_aggregation
+        self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
+        self.positions = np.zeros((num_layers, num_kv_heads, 0), dtype=np.int64)
+        self.prompt_len = 0
+        self.rounds = 0
+        self.peak_retained = 0
+        self._next = 0
+
+    @property
+    def next_position(self) -> int:
+        """Tokens seen so far: the logical length, and the RoPE position of the next token."""
+        return self._next
+
+    @property
+    def retained(self) -> int:
+        return self.positions.shape[-1]
+
+    def appended(self, count: int) -> None:
+        """Record that the backend appended `count` new tokens to every row of its cache."""
+        new = np.arange(self._next, self._next + count, dtype=np.int64)
+        tiled = np.broadcast_to(new, (self.num_layers, self.num_kv_heads, count))
+        self.positions = np.concatenate([self.positions, tiled], axis=-1)
+        self._next += count
+        self.peak_retained = max(self.peak_retained, self.retained)
+
+    def needs_compression(self) -> bool:
+        return self.policy.needs_compression(self.retained)
+
+    @property
+    def round_start(self) -> int:
+        """Position of the newest cached token: future queries sit at round_start + offsets."""
+        return self._next - 1
+
+    def plan(self, head_scores: np.ndarray) -> tuple[np.ndarray, RoundRecord]:
+        """Per-query-head scores [layers, heads, T] → slots to keep [layers, kv_heads, B] and the round's record."""
+        kv_scores = self.scorer.group_scores(head_scores, self.group_aggregation)
+        rows = self.policy.combine(kv_scores)
+        row_positions = self._row_positions()
+        keep_rows = self.policy.select(rows, row_positions, self.round_start, self.prompt_len)
+        keep = self._expand(keep_rows)
+        self.positions = np.take_along_axis(self.positions, keep, axis=-1)
+        self.rounds += 1
+        record = RoundRecord(self.rounds, self._next, self._record_rows(keep_rows, row_positions))
+        return keep, record
+
+    def _row_positions(self) -> np.ndarray:
+        mode = self.policy.pruning_mode
+        if mode == "per_layer_head":
+            return self.positions.reshape(-1, self.retained)
+        if mode == "per_head":
+            return self.positions[0]
+        return self.positions[0, :1]
+
+    def _expand(self, keep_rows: np.ndarray) -> np.ndarray:
+        shape = (self.num_layers, self.num_kv_heads, keep_rows.shape[-1])
+        if self.policy.pruning_mode == "per_layer_head":
+            return keep_rows.reshape(shape)
+        return np.broadcast_to(keep_rows, shape).copy()  # per_head: [H, B]; global: [1, B]
+
+    def _record_rows(self, keep_rows: np.ndarray, row_positions: np.ndarray) -> list:
+        kept = np.take_along_axis(row_positions, keep_rows, axis=-1)
+        mode = self.policy.pruning_mode
+        out = []
+        for r, positions in enumerate(kept.tolist()):
+            if mode == "per_layer_head":
+                out.append((r // self.num_kv_heads, r % self.num_kv_heads, positions))
+            elif mode == "per_head":
+                out.append((None, r, positions))
+            else:
+                out.append((None, None, positions))
+        return out

@@ -1,0 +1,300 @@
+"""The engine interface every backend implements, and the one generation loop they share.
+
+load (backends.load_engine) → Engine → Engine.session(...) → Session.generate(...) yields events. A backend only
+provides a ModelRunner: run tokens at given positions into its cache and return logits, score its cached keys
+with the round's virtual queries, and compact its cache. Chunked prefill, when to compress, sampling, stop
+conditions, streaming text and cancellation live here once, so the CLI, the server and the TUI see one behaviour.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from .compression import CompressionState, RoundRecord
+from .policy import BudgetPolicy
+from .rope import ModelShape
+from .sampling import Sampler, SamplingParams
+from .scorer import TriAttentionScorer
+from .stats.format import QueryStats
+
+
+# ---- events ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+
+
+@dataclass
+class TextEvent:
+    text: str
+
+
+@dataclass
+class KVMetrics:
+    logical_tokens: int  # tokens the model has seen (prompt + generated)
+    retained_tokens: int  # tokens whose K/V are still cached, per (layer, KV head)
+    peak_retained_tokens: int
+    budget: int | None  # None without compression
+    kv_bytes: int  # bytes of K/V held now
+    kv_bytes_full: int  # bytes full attention would hold now
+    rounds: int
+
+
+@dataclass
+class KVEvent:
+    metrics: KVMetrics
+
+
+@dataclass
+class CompressionEvent:
+    record: RoundRecord
+    metrics: KVMetrics
+
+
+@dataclass
+class DoneEvent:
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    metrics: KVMetrics
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+Event = TokenEvent | TextEvent | KVEvent | CompressionEvent | DoneEvent
+
+
+# ---- what a backend provides ----------------------------------------------------------------------------------
+
+
+class ModelRunner(Protocol):
+    """One sequence's model + cache inside a backend."""
+
+    def forward(self, token_ids: list[int], start_position: int) -> np.ndarray:
+        """Append tokens at positions start_position… to the cache; return float logits of the last one [vocab]."""
+
+    def head_scores(self, scorer: TriAttentionScorer, round_start: int) -> np.ndarray:
+        """Scores [layers, heads, T] of every cached key for every query head (the backend's fast path)."""
+
+    def compact(self, keep: np.ndarray) -> None:
+        """Keep cache slots keep[layer, kv_head, :] (ascending) and drop the rest."""
+
+    def reset(self) -> None:
+        """Empty the cache."""
+
+
+@dataclass
+class CompressionSettings:
+    """TriAttention on (with its stats and policy) or off (full attention)."""
+
+    policy: BudgetPolicy | None = field(default_factory=BudgetPolicy)
+    stats: QueryStats | None = None
+    offset_aggregation: str = "mean"
+    group_aggregation: str = "max"
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy is not None
+
+
+class Engine(ABC):
+    """A loaded model in one backend."""
+
+    backend: str
+    model_id: str
+    shape: ModelShape
+    tokenizer: object  # Hugging Face-style: encode, decode, apply_chat_template, eos_token_id
+    kv_bytes_per_token: int  # K+V bytes of one token over all layers and KV heads
+    context_length: int  # logical context the model supports
+
+    @abstractmethod
+    def new_runner(self) -> ModelRunner:
+        ...
+
+    def session(self, compression: CompressionSettings | None = None) -> "Session":
+        return Session(self, compression or CompressionSettings(policy=None))
+
+    def eos_token_ids(self) -> set[int]:
+        ids = getattr(self.tokenizer, "eos_token_id", None)
+        out = set(ids if isinstance(ids, (list, tuple, set)) else [ids] if ids is not None else [])
+        for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(name) if hasattr(self.tokenizer, "convert_tokens_to_ids") else None
+            if isinstance(tid, int) and tid != getattr(self.tokenizer, "unk_token_id", None) and tid >= 0:
+                out.add(tid)
+        return out
+
+    def encode_prompt(self, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of a user prompt: through the chat template when the tokenizer has one (unless raw)."""
+        tok = self.tokenizer
+        if not raw and getattr(tok, "chat_template", None):
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return list(tok.encode(prompt))
+
+
+# ---- the shared generation loop -------------------------------------------------------------------------------
+
+
+class StreamingDetokenizer:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+class Session:
+    """One conversation's cache in one engine. generate() continues from whatever the cache already holds."""
+
+    def __init__(self, engine: Engine, compression: CompressionSettings):
+        self.engine = engine
+        self.compression = compression
+        self.runner = engine.new_runner()
+        self._cancel = threading.Event()
+        self.state: CompressionState | None = None
+        self.scorer: TriAttentionScorer | None = None
+        if compression.enabled:
+            if compression.stats is None:
+                raise ValueError("compression needs stats")
+            self.scorer = TriAttentionScorer(compression.stats, offset_aggregation=compression.offset_aggregation)
+        self.reset()
+
+    def reset(self) -> None:
+        self.runner.reset()
+        self.logical = 0
+        self.peak = 0
+        if self.scorer is not None:
+            shape = self.engine.shape
+            self.state = CompressionState(self.compression.policy, self.scorer, shape.num_layers, shape.num_kv_heads,
+                                          self.compression.group_aggregation)
+
+    def cancel(self) -> None:
+        """Ask a running generate() to stop after the current step (thread-safe)."""
+        self._cancel.set()
+
+    # -- metrics --
+    def metrics(self) -> KVMetrics:
+        retained = self.state.retained if self.state else self.logical
+        per_token = self.engine.kv_bytes_per_token
+        return KVMetrics(
+            logical_tokens=self.logical,
+            retained_tokens=retained,
+            peak_retained_tokens=self.state.peak_retained if self.state else self.peak,
+            budget=self.compression.policy.budget if self.compression.enabled else None,
+            kv_bytes=retained * per_token,
+            kv_bytes_full=self.logical * per_token,
+            rounds=self.state.rounds if self.state else 0,
+        )
+
+    # -- the loop --
+    def _feed(self, token_ids: list[int]) -> Iterator[Event | np.ndarray]:
+        """Run tokens through the model, in chunks and with compression rounds as the policy says; yields events,
+        then the logits of the last token."""
+        logits = None
+        i = 0
+        while i < len(token_ids):
+            if self.state is not None:
+                n = self.compression.policy.prefill_chunk(self.state.retained)
+            else:
+                n = 512  # bounds activation memory of a long prompt
+            chunk = token_ids[i:i + n]
+            logits = self.runner.forward(chunk, self.logical)
+            self.logical += len(chunk)
+            self.peak = max(self.peak, self.logical)
+            i += len(chunk)
+            if self.state is not None:
+                self.state.appended(len(chunk))
+                if self.state.needs_compression():
+                    yield self._compress()
+        yield logits
+
+    def _compress(self) -> CompressionEvent:
+        scores = self.runner.head_scores(self.scorer, self.state.round_start)
+        keep, record = self.state.plan(scores)
+        self.runner.compact(keep)
+        return CompressionEvent(record, self.metrics())
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, set_prompt: bool = True) -> Iterator[Event]:
+        """Prefill prompt_ids (after what the cache holds), then sample until EOS, a stop string or max_tokens."""
+        self._cancel.clear()
+        if self.state is not None and set_prompt and self.logical == 0:
+            self.state.prompt_len = len(prompt_ids)
+        sampler = Sampler(params)
+        eos = self.engine.eos_token_ids()
+        detok = StreamingDetokenizer(self.engine.tokenizer)
+        text = ""
+        t0 = time.perf_counter()
+        logits = None
+        for item in self._feed(list(prompt_ids)):
+            if isinstance(item, np.ndarray) or item is None:
+                logits = item
+            else:
+                yield item
+        t_prefill = time.perf_counter() - t0
+        yield KVEvent(self.metrics())
+        generated, finish = 0, "length"
+        t1 = time.perf_counter()
+        while generated < params.max_tokens:
+            if self._cancel.is_set():
+                finish = "cancelled"
+                break
+            token = sampler(logits)
+            generated += 1
+            yield TokenEvent(token)
+            if token in eos:
+                finish = "stop"
+                break
+            delta = detok.add(token)
+            if delta:
+                text += delta
+                hit = _find_stop(text, params.stop, len(delta))
+                if hit is not None:
+                    cut = hit - (len(text) - len(delta))
+                    if cut > 0:
+                        yield TextEvent(delta[:cut])
+                    finish = "stop"
+                    break
+                yield TextEvent(delta)
+            if generated == params.max_tokens:
+                break
+            for item in self._feed([token]):
+                if isinstance(item, np.ndarray):
+                    logits = item
+                else:
+                    yield item
+        yield DoneEvent(finish, len(prompt_ids), generated, t_prefill, time.perf_counter() - t1, self.metrics())
+
+
+def _find_stop(text: str, stops: list[str], delta_len: int) -> int | None:
+    """Index in text where the first stop string begins, looking only where the new delta could complete one."""
+    best = None
+    for s in stops:
+        if not s:
+            continue
+        start = max(0, len(text) - delta_len - len(s) + 1)
+        j = text.find(s, start)
+        if j >= 0 and (best is None or j < best):
+            best = j
+    return best

@@ -1,0 +1,1 @@
+"""Textual chat app (issue 5)."""
