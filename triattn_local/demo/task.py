@@ -1,0 +1,77 @@
+"""The demo model's task: a lagged sum traced line by line, whose every step needs a value from far back.
+
+The user gives LAG seed lines; the model continues the sequence, one line per step, counting down to 000:
+
+    117:4+9=3        counter : previous value + value LAG lines up = their sum mod 10
+
+so line i reads the value of line i-1 (next to it) and of line i-LAG (LAG × 10 tokens back, about 240 tokens),
+and the final answer is the value on line 000. One wrong step changes every later value, so the answer checks the
+whole chain. A KV cache that drops the value LAG lines up breaks it: exactly what compression must not lose.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+LAG = 24
+MIN_STEPS, MAX_STEPS = 50, 380  # chain of thought of 500–3800 tokens (10 per line)
+INSTRUCTION = (
+    f"Continue the lagged sum: each new line adds the previous value and the value {LAG} lines up, mod 10, "
+    "counting down to 000. What is the final value?"
+)
+ANSWER_RE = re.compile(r"The final value is (\d)\.")
+
+
+@dataclass
+class Problem:
+    seed_lines: list[str]
+    thinking_lines: list[str]
+    answer: int
+
+    @property
+    def prompt(self) -> str:
+        return INSTRUCTION + "\n" + "".join(line + "\n" for line in self.seed_lines)
+
+    @property
+    def thinking(self) -> str:
+        return "".join(line + "\n" for line in self.thinking_lines)
+
+    @property
+    def response(self) -> str:
+        """The assistant turn as the model is trained to write it."""
+        return f"<think>\n{self.thinking}</think>\nThe final value is {self.answer}."
+
+
+def line(counter: int, a: int, b: int) -> str:
+    return f"{counter:03d}:{a}+{b}={(a + b) % 10}"
+
+
+def make_problem(rng: random.Random, steps: int | None = None) -> Problem:
+    """A problem with `steps` lines to compute (random in [MIN_STEPS, MAX_STEPS] when None)."""
+    steps = rng.randint(MIN_STEPS, MAX_STEPS) if steps is None else steps
+    values, seed_lines = [], []
+    for k in range(LAG):
+        a, b = rng.randrange(10), rng.randrange(10)
+        seed_lines.append(line(steps + LAG - 1 - k, a, b))
+        values.append((a + b) % 10)
+    thinking = []
+    for k in range(steps):
+        a, b = values[-1], values[-LAG]
+        thinking.append(line(steps - 1 - k, a, b))
+        values.append((a + b) % 10)
+    return Problem(seed_lines, thinking, values[-1])
+
+
+def held_out_problems(count: int, seed: int = 20261129) -> list[Problem]:
+    """Evaluation problems: a seed the training data never uses (training draws from seeds < 10^9)."""
+    rng = random.Random(seed + 10**9)
+    return [make_problem(rng) for _ in range(count)]
+
+
+def parse_answer(text: str) -> int | None:
+    """The model's final value, read after its thinking; None when it gave none."""
+    tail = text.split("</think>")[-1]
+    m = ANSWER_RE.search(tail)
+    return int(m.group(1)) if m else None
