@@ -34,6 +34,7 @@ def run(
     model: str = typer.Argument(..., help="Model directory (Hugging Face format)."),
     prompt: Optional[str] = typer.Argument(None, help="Prompt; read from stdin when omitted."),
     no_compress: bool = typer.Option(False, "--no-compress", help="Full attention: no KV compression."),
+    method: str = typer.Option("triattention", help="triattention | snapkv | rkv | streaming | h2o (the baselines need no stats).", rich_help_panel=POLICY_HELP),
     budget: int = typer.Option(2048, help="KV tokens kept per layer and head after each round.", rich_help_panel=POLICY_HELP),
     divide_length: int = typer.Option(128, help="Compress every N tokens (the cache peaks at budget + N).", rich_help_panel=POLICY_HELP),
     window: int = typer.Option(128, help="Most recent tokens always kept.", rich_help_panel=POLICY_HELP),

@@ -7,11 +7,14 @@ scorer and the budget policy when a round is due, and hands back which slots to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .policy import BudgetPolicy
-from .scorer import TriAttentionScorer
+
+if TYPE_CHECKING:
+    from .methods import KeyScorer  # anything with group_scores: TriAttentionScorer or a baseline
 
 
 @dataclass
@@ -32,7 +35,7 @@ class RoundRecord:
 class CompressionState:
     """Slot positions [layers, kv_heads, T] of one sequence, plus the counters users see."""
 
-    def __init__(self, policy: BudgetPolicy, scorer: TriAttentionScorer, num_layers: int, num_kv_heads: int,
+    def __init__(self, policy: BudgetPolicy, scorer: KeyScorer, num_layers: int, num_kv_heads: int,
                  group_aggregation: str = "max"):
         self.policy = policy
         self.scorer = scorer

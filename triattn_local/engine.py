@@ -17,10 +17,10 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from .compression import CompressionState, RoundRecord
+from .methods import DEFAULT_METHOD, DEFAULT_OBS_WINDOW, KeyScorer, check_method, make_scorer
 from .policy import BudgetPolicy
 from .rope import ModelShape
 from .sampling import Sampler, SamplingParams
-from .scorer import TriAttentionScorer
 from .stats.format import QueryStats
 
 
@@ -85,7 +85,7 @@ class ModelRunner(Protocol):
     def forward(self, token_ids: list[int], start_position: int) -> np.ndarray:
         """Append tokens at positions start_position… to the cache; return float logits of the last one [vocab]."""
 
-    def head_scores(self, scorer: TriAttentionScorer, round_start: int) -> np.ndarray:
+    def head_scores(self, scorer: KeyScorer, round_start: int) -> np.ndarray:
         """Scores [layers, heads, T] of every cached key for every query head (the backend's fast path)."""
 
     def compact(self, keep: np.ndarray) -> None:
@@ -97,12 +97,17 @@ class ModelRunner(Protocol):
 
 @dataclass
 class CompressionSettings:
-    """TriAttention on (with its stats and policy) or off (full attention)."""
+    """Compression on (a method and the policy; stats for TriAttention only) or off (full attention)."""
 
     policy: BudgetPolicy | None = field(default_factory=BudgetPolicy)
     stats: QueryStats | None = None
     offset_aggregation: str = "mean"
     group_aggregation: str = "max"
+    method: str = DEFAULT_METHOD  # methods.METHODS: triattention or a baseline to compare it with
+    obs_window: int = DEFAULT_OBS_WINDOW  # queries the attention-based baselines observe (capped by the window)
+
+    def __post_init__(self):
+        check_method(self.method)
 
     @property
     def enabled(self) -> bool:
@@ -120,8 +125,8 @@ class Engine(ABC):
     context_length: int  # logical context the model supports
 
     @abstractmethod
-    def new_runner(self) -> ModelRunner:
-        ...
+    def new_runner(self, scorer: KeyScorer | None = None) -> ModelRunner:
+        """A runner for one sequence, recording from the start what scorer needs (e.g. recent queries)."""
 
     def session(self, compression: CompressionSettings | None = None) -> "Session":
         return Session(self, compression or CompressionSettings(policy=None))
@@ -171,14 +176,10 @@ class Session:
     def __init__(self, engine: Engine, compression: CompressionSettings):
         self.engine = engine
         self.compression = compression
-        self.runner = engine.new_runner()
         self._cancel = threading.Event()
         self.state: CompressionState | None = None
-        self.scorer: TriAttentionScorer | None = None
-        if compression.enabled:
-            if compression.stats is None:
-                raise ValueError("compression needs stats")
-            self.scorer = TriAttentionScorer(compression.stats, offset_aggregation=compression.offset_aggregation)
+        self.scorer: KeyScorer | None = make_scorer(compression, engine.shape) if compression.enabled else None
+        self.runner = engine.new_runner(self.scorer)
         self.reset()
 
     def reset(self) -> None:

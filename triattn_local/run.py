@@ -27,15 +27,17 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def run_command(model, prompt, no_compress, budget, divide_length, window, sink, protect_prefill, pruning_mode, stats,
-                max_tokens, temperature, top_p, seed, raw, device, dtype, backend, kv_trace) -> None:
+def run_command(model, prompt, no_compress, method, budget, divide_length, window, sink, protect_prefill, pruning_mode,
+                stats, max_tokens, temperature, top_p, seed, raw, device, dtype, backend, kv_trace) -> None:
     from .backends import choose_backend
     from .engine import CompressionEvent, CompressionSettings, DoneEvent, TextEvent
+    from .methods import check_method
     from .policy import BudgetPolicy
     from .sampling import SamplingParams
 
     # Validate everything cheap before loading a model.
     choose_backend(backend)
+    check_method(method)
     policy = None if no_compress else BudgetPolicy(budget, divide_length, window, sink, protect_prefill, pruning_mode)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     text = read_prompt(prompt)
@@ -46,7 +48,9 @@ def run_command(model, prompt, no_compress, budget, divide_length, window, sink,
 
     try:
         engine = load_engine(model, backend=backend, device=device, dtype=dtype)
-        settings = CompressionSettings(policy=policy, stats=resolve_stats(engine, stats) if policy else None)
+        needs_stats = policy is not None and method == "triattention"
+        settings = CompressionSettings(policy=policy, stats=resolve_stats(engine, stats) if needs_stats else None,
+                                       method=method)
         session = engine.session(settings)
         ids = engine.encode_prompt(text, raw=raw)
         done = None

@@ -83,6 +83,11 @@ class TriAttentionScorer:
 
     def group_scores(self, head_scores: np.ndarray, aggregation: str = "max") -> np.ndarray:
         """[..., heads, T] → [..., kv_heads, T]: one score per KV head, over its GQA group of query heads."""
-        shape = head_scores.shape
-        grouped = head_scores.reshape(shape[:-2] + (shape[-2] // self.group_size, self.group_size, shape[-1]))
-        return grouped.max(axis=-2) if aggregation == "max" else grouped.mean(axis=-2)
+        return group_scores(head_scores, self.group_size, aggregation)
+
+
+def group_scores(head_scores: np.ndarray, group_size: int, aggregation: str = "max") -> np.ndarray:
+    """[..., heads, T] → [..., kv_heads, T] over GQA groups of group_size query heads (shared by every method)."""
+    shape = head_scores.shape
+    grouped = head_scores.reshape(shape[:-2] + (shape[-2] // group_size, group_size, shape[-1]))
+    return grouped.max(axis=-2) if aggregation == "max" else grouped.mean(axis=-2)

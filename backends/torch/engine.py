@@ -10,9 +10,10 @@ import torch
 
 from ...engine import Engine
 from ...errors import UserError
+from ...methods import BaselineScorer, KeyScorer
 from ...rope import ModelShape
-from ...scorer import TriAttentionScorer
 from .cache import TriAttentionCache
+from .methods import RECORDER_KWARG, RECORDING, AttentionRecorder, baseline_head_scores, enable_capture
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,31 +38,43 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 class TorchRunner:
-    """One sequence: a TriAttentionCache and the model forward at explicit positions."""
+    """One sequence: a TriAttentionCache and the model forward at explicit positions, plus, for the attention-based
+    baselines, a recorder of the queries (or attention) they score with."""
 
-    def __init__(self, engine: "TorchEngine"):
+    def __init__(self, engine: "TorchEngine", scorer: KeyScorer | None = None):
         self.engine = engine
+        self.recorder: AttentionRecorder | None = None
+        if isinstance(scorer, BaselineScorer) and scorer.method in RECORDING:
+            enable_capture(engine.model)
+            self.recorder = AttentionRecorder(scorer, engine.shape.num_layers)
         self.reset()
 
     def reset(self) -> None:
         self.cache = TriAttentionCache(config=self.engine.model.config)
+        if self.recorder is not None:
+            self.recorder.reset()
 
     @torch.inference_mode()
     def forward(self, token_ids: list[int], start_position: int) -> np.ndarray:
         device = self.engine.device
         ids = torch.tensor([token_ids], device=device)
         positions = torch.arange(start_position, start_position + len(token_ids), device=device)[None]
+        record = {RECORDER_KWARG: self.recorder} if self.recorder is not None else {}
         out = self.engine.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
-                                logits_to_keep=1)
+                                logits_to_keep=1, **record)
         return out.logits[0, -1].float().cpu().numpy()
 
     @torch.inference_mode()
-    def head_scores(self, scorer: TriAttentionScorer, round_start: int) -> np.ndarray:
+    def head_scores(self, scorer: KeyScorer, round_start: int) -> np.ndarray:
+        if isinstance(scorer, BaselineScorer):
+            return baseline_head_scores(scorer, self.cache, self.recorder)
         return self.cache.head_scores(scorer, round_start)
 
     @torch.inference_mode()
     def compact(self, keep: np.ndarray) -> None:
         self.cache.compact(keep)
+        if self.recorder is not None:
+            self.recorder.compact(keep)
 
 
 class TorchEngine(Engine):
@@ -95,8 +108,8 @@ class TorchEngine(Engine):
         self.kv_bytes_per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
         self.context_length = s.max_position_embeddings
 
-    def new_runner(self) -> TorchRunner:
-        return TorchRunner(self)
+    def new_runner(self, scorer: KeyScorer | None = None) -> TorchRunner:
+        return TorchRunner(self, scorer)
 
     def calibrate(self, text: str, progress: bool = True, max_tokens: int | None = None):
         from .calibrate import calibrate

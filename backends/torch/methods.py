@@ -1,0 +1,170 @@
+"""The baseline methods (triattn_local.methods.BaselineScorer) in the torch backend: what they record while the model
+runs, and their per-query-head scores [layers, heads, T], which the shared GQA grouping and budget policy turn into
+the slots to keep.
+
+SnapKV, R-KV and H2O need the model's post-RoPE queries. We get them without touching the model code: the model's
+attention implementation is swapped for a registered wrapper ("triattn+sdpa", …) that hands (query, key) to the
+recorder passed in forward's kwargs, then calls the original implementation. Without a recorder the wrapper only
+calls the original, so other sessions of the same engine are unaffected.
+
+The slots of a cache row are in position order, and a forward appends its tokens as the last slots. Every round
+keeps the policy's recent window, which is at least the observation window (methods.make_scorer caps it), so the
+observed tokens are the last slots of every row too: that is where the causal mask of their queries comes from.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...methods import BaselineScorer
+
+CAPTURE_PREFIX = "triattn+"
+RECORDER_KWARG = "triattn_recorder"
+
+
+# ---- capture ---------------------------------------------------------------------------------------------------
+
+
+def enable_capture(model) -> None:
+    """Route the model's attention through the capturing wrapper of its implementation (once per model)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = model.config._attn_implementation
+    if impl.startswith(CAPTURE_PREFIX):
+        return
+
+    def capturing_attention(module, query, key, value, attention_mask, triattn_recorder=None, **kwargs):
+        if triattn_recorder is not None:
+            triattn_recorder.observe(module.layer_idx, query, key, kwargs.get("scaling") or module.scaling)
+        if impl == "eager":  # the model's own eager function (transformers' default for "eager")
+            inner = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            inner = ALL_ATTENTION_FUNCTIONS[impl]
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    name = CAPTURE_PREFIX + impl
+    AttentionInterface.register(name, capturing_attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])  # the same masks as before
+    model.config._attn_implementation = name
+
+
+class AttentionRecorder:
+    """One sequence's record for an attention-based baseline: the last obs_window post-RoPE queries of every layer
+    (snapkv, rkv), or the attention every cached key has received from every query so far (h2o)."""
+
+    def __init__(self, scorer: BaselineScorer, num_layers: int):
+        self.scorer = scorer
+        self.num_layers = num_layers
+        self.reset()
+
+    def reset(self) -> None:
+        self.queries: list[torch.Tensor | None] = [None] * self.num_layers  # [H, ≤ obs_window, D]
+        self.received: list[torch.Tensor | None] = [None] * self.num_layers  # [H, T] float32, one per cache slot
+        self.scaling: float | None = None
+
+    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """From the attention wrapper: this forward's queries [1, H, n, D] and the whole cache's keys
+        [1, Hkv, T, D], the n new tokens last."""
+        self.scaling = scaling
+        q = query[0]
+        if self.scorer.method == "h2o":
+            got = causal_attention(q, key[0], scaling).sum(dim=1)  # [H, T]
+            before = self.received[layer]
+            if before is not None:
+                got[:, : before.shape[1]] += before
+            self.received[layer] = got
+        else:
+            before = self.queries[layer]
+            q = q if before is None else torch.cat([before, q], dim=1)
+            self.queries[layer] = q[:, -self.scorer.obs_window:].clone()  # bounded: no view of a long chunk
+
+    def compact(self, keep: np.ndarray) -> None:
+        """Follow the cache's compaction: keep the received attention of the kept slots (queries are not slots)."""
+        for i, got in enumerate(self.received):
+            if got is not None:
+                idx = torch.as_tensor(keep[i], device=got.device).repeat_interleave(self.scorer.group_size, dim=0)
+                self.received[i] = torch.gather(got, 1, idx)
+
+
+# ---- scores of one layer ---------------------------------------------------------------------------------------
+
+
+def causal_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax attention [H, n, T] (float32) of the queries [H, n, D] of the last n cached tokens over all the cached
+    keys [Hkv, T, D]: each query sees the slots up to its own."""
+    heads, n, _ = queries.shape
+    t = keys.shape[1]
+    k = keys.float().repeat_interleave(heads // keys.shape[0], dim=0)  # query head h reads KV head h // group
+    logits = torch.einsum("hnd,htd->hnt", queries.float(), k) * scaling
+    slot = torch.arange(t, device=keys.device)
+    own = torch.arange(t - n, t, device=keys.device)
+    return logits.masked_fill(slot[None, :] > own[:, None], float("-inf")).softmax(dim=-1)
+
+
+def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """1-D max pooling of [H, T] along the keys, same length (odd kernel): neighbours of an important key count."""
+    if kernel <= 1:
+        return scores
+    return F.max_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+
+
+def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float, kernel: int = 7) -> torch.Tensor:
+    """SnapKV: attention of the observation queries, summed over them, max-pooled along the keys: [H, T]."""
+    return max_pool(causal_attention(queries, keys, scaling).sum(dim=1), kernel)
+
+
+def key_redundancy(keys: torch.Tensor) -> torch.Tensor:
+    """R-KV redundancy [Hkv, T]: each key's mean cosine similarity to the other keys of its KV head, softmaxed over
+    the keys (as R-KV does, so it is on the scale of the attention distribution it is mixed with)."""
+    k = F.normalize(keys.float(), dim=-1)
+    sim = k @ k.transpose(1, 2)  # [Hkv, T, T]
+    t = sim.shape[-1]
+    mean_other = (sim.sum(dim=-1) - sim.diagonal(dim1=1, dim2=2)) / max(t - 1, 1)
+    return mean_other.softmax(dim=-1)
+
+
+def rkv_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float, kernel: int = 7,
+               lam: float = 0.1) -> torch.Tensor:
+    """R-KV: λ·importance − (1 − λ)·redundancy, importance being the observation queries' attention averaged over
+    them (a distribution over the keys) and max-pooled: [H, T]."""
+    importance = max_pool(causal_attention(queries, keys, scaling).mean(dim=1), kernel)
+    redundancy = key_redundancy(keys).repeat_interleave(queries.shape[0] // keys.shape[0], dim=0)
+    return lam * importance - (1 - lam) * redundancy
+
+
+# ---- the registry ----------------------------------------------------------------------------------------------
+
+
+def _snapkv(scorer: BaselineScorer, layer: int, keys: torch.Tensor, recorder: AttentionRecorder) -> torch.Tensor:
+    return snapkv_scores(recorder.queries[layer], keys, recorder.scaling, scorer.pool_kernel)
+
+
+def _rkv(scorer: BaselineScorer, layer: int, keys: torch.Tensor, recorder: AttentionRecorder) -> torch.Tensor:
+    return rkv_scores(recorder.queries[layer], keys, recorder.scaling, scorer.pool_kernel, scorer.rkv_lambda)
+
+
+def _h2o(scorer: BaselineScorer, layer: int, keys: torch.Tensor, recorder: AttentionRecorder) -> torch.Tensor:
+    return recorder.received[layer]
+
+
+def _streaming(scorer: BaselineScorer, layer: int, keys: torch.Tensor, recorder: None) -> torch.Tensor:
+    """The slot index: slots are in position order, so the policy keeps the sinks and the newest tokens."""
+    return torch.arange(keys.shape[1], dtype=torch.float32).expand(keys.shape[0] * scorer.group_size, -1)
+
+
+BASELINES = {"snapkv": _snapkv, "rkv": _rkv, "streaming": _streaming, "h2o": _h2o}
+RECORDING = ("snapkv", "rkv", "h2o")  # the baselines that need the attention wrapper and a recorder
+
+
+def baseline_head_scores(scorer: BaselineScorer, cache, recorder: AttentionRecorder | None) -> np.ndarray:
+    """Scores [layers, heads, T] of every cached key of cache (a TriAttentionCache) for every query head."""
+    score = BASELINES[scorer.method]
+    return np.stack([
+        score(scorer, i, layer.keys[0], recorder).float().cpu().numpy() for i, layer in enumerate(cache.layers)
+    ])
