@@ -31,10 +31,15 @@ def choose_backend(requested: str = "auto") -> tuple[str, str]:
 
 
 def load_engine(model: str, backend: str = "auto", device: str = "auto", dtype: str = "auto"):
-    """Load a model directory with the chosen backend; heavy libraries are imported only here."""
+    """Load a model (alias or directory) with the chosen backend; heavy libraries are imported only here."""
+    from ..registry import resolve_model
+
     name, _ = choose_backend(backend)
+    path = resolve_model(model)
     if name == "torch":
         from .torch.engine import TorchEngine
 
-        return TorchEngine(model, device=device, dtype=dtype)
+        engine = TorchEngine(str(path), device=device, dtype=dtype)
+        engine.model_id = model  # what the user called it: an alias or a path
+        return engine
     raise UserError(f"backend {name} is not available")

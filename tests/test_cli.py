@@ -37,7 +37,7 @@ def model_and_stats(tiny_model_factory, tmp_path_factory):
 
 
 @pytest.mark.parametrize("cmd", [[], ["run"], ["calibrate"], ["stats"], ["stats", "show"], ["stats", "import"],
-                                 ["stats", "export"], ["doctor"]])
+                                 ["stats", "export"], ["doctor"], ["eval"]])
 def test_every_command_has_help(cmd):
     r = triattn(*cmd, "--help")
     assert r.returncode == 0 and "Usage" in r.stdout

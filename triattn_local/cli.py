@@ -31,7 +31,7 @@ def _err(message: str, code: int = 2) -> None:
 
 @app.command()
 def run(
-    model: str = typer.Argument(..., help="Model directory (Hugging Face format)."),
+    model: str = typer.Argument(..., help="Model: `demo` or a directory (Hugging Face format)."),
     prompt: Optional[str] = typer.Argument(None, help="Prompt; read from stdin when omitted."),
     no_compress: bool = typer.Option(False, "--no-compress", help="Full attention: no KV compression."),
     method: str = typer.Option("triattention", help="triattention | snapkv | rkv | streaming | h2o (the baselines need no stats).", rich_help_panel=POLICY_HELP),
@@ -42,7 +42,7 @@ def run(
     protect_prefill: bool = typer.Option(False, "--protect-prefill/--no-protect-prefill", help="Keep the whole prompt while it fits the budget.", rich_help_panel=POLICY_HELP),
     pruning_mode: str = typer.Option("per_head", help="per_layer_head | per_head | global.", rich_help_panel=POLICY_HELP),
     stats: Optional[str] = typer.Option(None, help="Stats file (default: next to the model, in the cache, or calibrated now).", rich_help_panel=POLICY_HELP),
-    max_tokens: int = typer.Option(1024, help="Most tokens to generate.", rich_help_panel=SAMPLING_HELP),
+    max_tokens: int = typer.Option(4096, help="Most tokens to generate.", rich_help_panel=SAMPLING_HELP),
     temperature: float = typer.Option(0.6, help="0 is greedy.", rich_help_panel=SAMPLING_HELP),
     top_p: float = typer.Option(0.95, help="Nucleus sampling mass.", rich_help_panel=SAMPLING_HELP),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling.", rich_help_panel=SAMPLING_HELP),
@@ -61,7 +61,7 @@ def run(
 
 @app.command()
 def calibrate(
-    model: str = typer.Argument(..., help="Model directory (Hugging Face format)."),
+    model: str = typer.Argument(..., help="Model: `demo` or a directory (Hugging Face format)."),
     output: str = typer.Option(..., "--output", "-o", help="Stats file to write (.safetensors)."),
     input: Optional[str] = typer.Option(None, "--input", "-i", help="Calibration text (default: the text shipped with triattn)."),
     max_tokens: Optional[int] = typer.Option(None, help="Use at most this many tokens of the text."),
@@ -121,6 +121,64 @@ def stats_export(
         raise UserError(f"unknown export format {format!r} (only 'reference')")
     export_reference(QueryStats.load(file), output)
     print(f"wrote {output}", file=sys.stderr)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option("demo", help="Model: `demo` (the task's problems need the demo model)."),
+    methods: str = typer.Option("full,triattention,snapkv,rkv,h2o,streaming", help="Comma-separated methods."),
+    budgets: str = typer.Option("128,192,256,512,1280", help="Comma-separated KV budgets."),
+    problems: int = typer.Option(200, help="Held-out problems per cell."),
+    limit: Optional[int] = typer.Option(None, help="Only this many problems (a quick CPU smoke run)."),
+    window: int = typer.Option(32, help="Recent window kept by every method."),
+    divide_length: int = typer.Option(32, help="Compress every N tokens."),
+    sink: int = typer.Option(4, "--sink", help="Sink tokens kept by every method."),
+    pruning_mode: str = typer.Option("per_head", help="per_layer_head | per_head | global."),
+    protect_prefill: bool = typer.Option(False, "--protect-prefill/--no-protect-prefill"),
+    batch: int = typer.Option(256, help="Problems generated at once."),
+    jobs: int = typer.Option(1, help="Cells run in parallel processes."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16."),
+    out: str = typer.Option("results/fidelity", help="Folder for fidelity.json, fidelity.md, fidelity.png."),
+    plot_only: bool = typer.Option(False, "--plot-only", help="Only redraw the plot from OUT/fidelity.json."),
+):
+    """Accuracy under a KV budget on held-out demo problems: TriAttention vs SnapKV, R-KV, H2O, StreamingLLM, full."""
+    from pathlib import Path
+
+    from .errors import UserError
+    from .eval import EvalConfig, describe, plot, run_eval, write_results
+    from .methods import check_method
+    from .policy import BudgetPolicy
+
+    folder = Path(out)
+    if not plot_only:
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        for m in names:
+            if m != "full":
+                check_method(m)
+        try:
+            sizes = sorted({int(b) for b in budgets.split(",") if b.strip()})
+        except ValueError:
+            raise UserError(f"--budgets must be comma-separated integers (got {budgets!r})") from None
+        for b in sizes:
+            BudgetPolicy(b, divide_length, window, sink, protect_prefill, pruning_mode)  # validates
+        cfg = EvalConfig(model=model, problems=limit or problems, window=window, divide_length=divide_length,
+                         sinks=sink, pruning_mode=pruning_mode, protect_prefill=protect_prefill, device=device,
+                         dtype=dtype, batch=batch)
+        command = "triattn eval " + " ".join(sys.argv[2:])
+        def on_cell(cell, cells):  # results so far are on disk after every cell
+            print(describe(cell), file=sys.stderr, flush=True)
+            write_results(cells, cfg, folder, command)
+
+        run_eval(cfg, names, sizes, jobs=jobs, on_cell=on_cell)
+        print((folder / "fidelity.md").read_text())
+    if not (folder / "fidelity.json").is_file():
+        raise UserError(f"{folder / 'fidelity.json'}: no results to plot")
+    try:
+        plot(folder / "fidelity.json", folder / "fidelity.png")
+        print(f"wrote {folder / 'fidelity.png'}", file=sys.stderr)
+    except UserError as e:
+        print(f"note: {e}", file=sys.stderr)
 
 
 @app.command()

@@ -1,9 +1,11 @@
 """The engine interface every backend implements, and the one generation loop they share.
 
 load (backends.load_engine) → Engine → Engine.session(...) → Session.generate(...) yields events. A backend only
-provides a ModelRunner: run tokens at given positions into its cache and return logits, score its cached keys
-with the round's virtual queries, and compact its cache. Chunked prefill, when to compress, sampling, stop
-conditions, streaming text and cancellation live here once, so the CLI, the server and the TUI see one behaviour.
+provides a ModelRunner: for a batch of sequences in lockstep, run tokens at given positions into their caches and
+return logits, score their cached keys with the round's virtual queries, compact their caches, and drop finished
+sequences. Chunked prefill, when to compress, sampling, stop conditions, streaming text and cancellation live here
+once, so the CLI, the server and the TUI see one behaviour; Session runs one sequence (a batch of one, through
+SequenceRunner), batch.generate_batch many prompts of one length at once.
 """
 
 from __future__ import annotations
@@ -80,19 +82,51 @@ Event = TokenEvent | TextEvent | KVEvent | CompressionEvent | DoneEvent
 
 
 class ModelRunner(Protocol):
-    """One sequence's model + cache inside a backend."""
+    """A batch of B sequences' model + caches inside a backend. Row b of every argument and result is sequence b.
 
-    def forward(self, token_ids: list[int], start_position: int) -> np.ndarray:
-        """Append tokens at positions start_position… to the cache; return float logits of the last one [vocab]."""
+    The rows advance in lockstep: every forward appends the same number of tokens to every row at the same
+    positions, and every row of every (layer, KV head) holds the same number T of cache slots (compaction keeps the
+    same count K everywhere), so rounds happen at the same steps. Which slots are kept differs per row and head.
+    B is set by the first forward after reset() and only shrinks, through select_rows.
+    """
+
+    def forward(self, token_ids: np.ndarray | list[list[int]], start_position: int) -> np.ndarray:
+        """Append tokens [B, n] at positions start_position … start_position + n - 1 to every row's cache; return
+        float logits [B, vocab] of each row's last token, on the host."""
 
     def head_scores(self, scorer: KeyScorer, round_start: int) -> np.ndarray:
-        """Scores [layers, heads, T] of every cached key for every query head (the backend's fast path)."""
+        """Scores [B, layers, heads, T] of every cached key for every query head (the backend's fast path)."""
 
     def compact(self, keep: np.ndarray) -> None:
-        """Keep cache slots keep[layer, kv_head, :] (ascending) and drop the rest."""
+        """Keep cache slots keep[row, layer, kv_head, :] ([B, layers, kv_heads, K], ascending); drop the rest."""
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only these rows (ascending indices into the current batch), in that order; drop the others."""
 
     def reset(self) -> None:
-        """Empty the cache."""
+        """Empty the caches; the next forward sets the batch size."""
+
+
+class SequenceRunner:
+    """One sequence on a ModelRunner: a batch of one, called without the batch dimension (what Session uses).
+
+    forward(token_ids [n], start) → logits [vocab]; head_scores → [layers, heads, T]; compact(keep [layers,
+    kv_heads, K])."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    def forward(self, token_ids: list[int], start_position: int) -> np.ndarray:
+        return self.runner.forward([list(token_ids)], start_position)[0]
+
+    def head_scores(self, scorer: KeyScorer, round_start: int) -> np.ndarray:
+        return self.runner.head_scores(scorer, round_start)[0]
+
+    def compact(self, keep: np.ndarray) -> None:
+        self.runner.compact(keep[None])
+
+    def reset(self) -> None:
+        self.runner.reset()
 
 
 @dataclass
@@ -118,7 +152,8 @@ class Engine(ABC):
     """A loaded model in one backend."""
 
     backend: str
-    model_id: str
+    model_id: str  # what the user called the model: an alias (`demo`) or its path
+    model_path: object  # the model directory (pathlib.Path)
     shape: ModelShape
     tokenizer: object  # Hugging Face-style: encode, decode, apply_chat_template, eos_token_id
     kv_bytes_per_token: int  # K+V bytes of one token over all layers and KV heads
@@ -126,7 +161,11 @@ class Engine(ABC):
 
     @abstractmethod
     def new_runner(self, scorer: KeyScorer | None = None) -> ModelRunner:
-        """A runner for one sequence, recording from the start what scorer needs (e.g. recent queries)."""
+        """A runner for a batch of sequences, recording from the start what scorer needs (e.g. recent queries)."""
+
+    def new_sequence_runner(self, scorer: KeyScorer | None = None) -> SequenceRunner:
+        """A runner for one sequence (a backend may return a subclass that also exposes its cache for inspection)."""
+        return SequenceRunner(self.new_runner(scorer))
 
     def session(self, compression: CompressionSettings | None = None) -> "Session":
         return Session(self, compression or CompressionSettings(policy=None))
@@ -154,20 +193,29 @@ class Engine(ABC):
 
 
 class StreamingDetokenizer:
-    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences.
+
+    Only the tokens since the last emitted text are decoded (plus a few before them, for tokenizers whose
+    decoding depends on the previous token), so streaming costs O(1) per token, not O(length)."""
+
+    CONTEXT = 4
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = 0  # ids[prefix:read] decode to text already emitted
+        self.read = 0
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if text.endswith("\ufffd"):
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=False)
+        text = decode(self.ids[self.prefix:], skip_special_tokens=False)
+        if text.endswith("\ufffd") or len(text) <= len(before):
             return ""
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta
+        self.prefix = max(0, len(self.ids) - self.CONTEXT)
+        self.read = len(self.ids)
+        return text[len(before):]
 
 
 class Session:
@@ -179,7 +227,7 @@ class Session:
         self._cancel = threading.Event()
         self.state: CompressionState | None = None
         self.scorer: KeyScorer | None = make_scorer(compression, engine.shape) if compression.enabled else None
-        self.runner = engine.new_runner(self.scorer)
+        self.runner = engine.new_sequence_runner(self.scorer)
         self.reset()
 
     def reset(self) -> None:
@@ -197,17 +245,7 @@ class Session:
 
     # -- metrics --
     def metrics(self) -> KVMetrics:
-        retained = self.state.retained if self.state else self.logical
-        per_token = self.engine.kv_bytes_per_token
-        return KVMetrics(
-            logical_tokens=self.logical,
-            retained_tokens=retained,
-            peak_retained_tokens=self.state.peak_retained if self.state else self.peak,
-            budget=self.compression.policy.budget if self.compression.enabled else None,
-            kv_bytes=retained * per_token,
-            kv_bytes_full=self.logical * per_token,
-            rounds=self.state.rounds if self.state else 0,
-        )
+        return kv_metrics(self.engine, self.compression, self.state, self.logical, self.peak)
 
     # -- the loop --
     def _feed(self, token_ids: list[int]) -> Iterator[Event | np.ndarray]:
@@ -286,6 +324,22 @@ class Session:
                 else:
                     yield item
         yield DoneEvent(finish, len(prompt_ids), generated, t_prefill, time.perf_counter() - t1, self.metrics())
+
+
+def kv_metrics(engine: Engine, compression: CompressionSettings, state: CompressionState | None, logical: int,
+               peak: int) -> KVMetrics:
+    """One sequence's KV metrics: from its CompressionState, or (full attention) from its logical length and peak."""
+    retained = state.retained if state else logical
+    per_token = engine.kv_bytes_per_token
+    return KVMetrics(
+        logical_tokens=logical,
+        retained_tokens=retained,
+        peak_retained_tokens=state.peak_retained if state else peak,
+        budget=compression.policy.budget if compression.enabled else None,
+        kv_bytes=retained * per_token,
+        kv_bytes_full=logical * per_token,
+        rounds=state.rounds if state else 0,
+    )
 
 
 def _find_stop(text: str, stops: list[str], delta_len: int) -> int | None:

@@ -42,7 +42,7 @@ def resolve_stats(engine, stats_path: str | None):
         stats = QueryStats.load(stats_path)
         stats.check_matches(engine.shape, where=f"stats {stats_path}")
         return stats
-    model_dir = Path(engine.model_id)
+    model_dir = Path(engine.model_path)
     found = find_stats(model_dir)
     if found is not None:
         stats = QueryStats.load(found)

@@ -1,9 +1,10 @@
 """The TriAttention KV cache for transformers 5 models: a DynamicCache whose rows can be compacted.
 
-Each layer holds K/V [batch=1, kv_heads, T, head_dim] of post-RoPE keys at their original positions. Compaction
-gathers the kept slots of every (layer, KV head); the slot count stays the same across heads, so tensors stay
-rectangular. transformers builds the causal mask from the slot count (get_query_offset), while RoPE uses the
-position_ids we pass, so a compacted cache needs no special mask: every cached slot precedes the new tokens.
+Each layer holds K/V [batch, kv_heads, T, head_dim] of post-RoPE keys at their original positions; row b is
+sequence b, and all rows advance in lockstep. Compaction gathers the kept slots of every (row, layer, KV head); the
+slot count stays the same across rows and heads, so tensors stay rectangular. transformers builds the causal mask
+from the slot count (get_query_offset), while RoPE uses the position_ids we pass, so a compacted cache needs no
+special mask: every cached slot precedes the new tokens.
 """
 
 from __future__ import annotations
@@ -16,41 +17,41 @@ from ...scorer import TriAttentionScorer
 
 
 class TriAttentionCache(DynamicCache):
-    def compact(self, keep: np.ndarray) -> None:
-        """Keep slots keep[layer, kv_head, :] of every layer."""
+    def compact(self, keep: np.ndarray | torch.Tensor) -> None:
+        """Keep slots keep[row, layer, kv_head, :] of every layer."""
+        keep = torch.as_tensor(keep, device=self.layers[0].keys.device)  # one copy to the device
         for i, layer in enumerate(self.layers):
-            idx = torch.as_tensor(keep[i], device=layer.keys.device)  # [Hkv, B]
-            idx = idx[None, :, :, None].expand(1, -1, -1, layer.keys.shape[-1])
-            layer.keys = torch.gather(layer.keys, 2, idx)
-            layer.values = torch.gather(layer.values, 2, idx.expand(1, -1, -1, layer.values.shape[-1]))
+            idx = keep[:, i, :, :, None].to(layer.keys.device)  # [B, Hkv, K, 1]
+            layer.keys = torch.gather(layer.keys, 2, idx.expand(-1, -1, -1, layer.keys.shape[-1]))
+            layer.values = torch.gather(layer.values, 2, idx.expand(-1, -1, -1, layer.values.shape[-1]))
 
     def head_scores(self, scorer: TriAttentionScorer, round_start: int) -> np.ndarray:
-        """Per-query-head scores [layers, heads, T]: the virtual-query dot product plus the magnitude term."""
+        """Per-query-head scores [B, layers, heads, T]: the virtual-query dot product plus the magnitude term."""
         if scorer.offset_aggregation != "mean":  # no linear form: use the reference on host copies
+            keys = [layer.keys.float().cpu().numpy() for layer in self.layers]  # [B, Hkv, T, D] each
             return np.stack([
-                scorer.head_scores(i, layer.keys[0].float().cpu().numpy(), round_start)
-                for i, layer in enumerate(self.layers)
+                np.stack([scorer.head_scores(i, k[b], round_start) for i, k in enumerate(keys)])
+                for b in range(keys[0].shape[0])
             ])
         rq = scorer.round_queries(round_start)
-        return np.stack([
-            score_keys_torch(layer.keys[0], rq.virtual_query[i], rq.magnitude_weight[i], scorer.pairing)
-            .cpu().numpy()
-            for i, layer in enumerate(self.layers)
-        ])
+        scores = [score_keys_torch(layer.keys, rq.virtual_query[i], rq.magnitude_weight[i], scorer.pairing)
+                  for i, layer in enumerate(self.layers)]
+        return torch.stack(scores, dim=1).cpu().numpy()  # one copy to the host
 
 
 def score_keys_torch(keys: torch.Tensor, virtual_query: np.ndarray, magnitude_weight: np.ndarray,
                      pairing: str = "half") -> torch.Tensor:
-    """keys [kv_heads, T, D] → scores [heads, T] (float32), the torch form of TriAttentionScorer.head_scores."""
+    """keys [..., kv_heads, T, D] → scores [..., heads, T] (float32), the torch form of
+    TriAttentionScorer.head_scores (any leading dimensions, e.g. the batch)."""
     heads, dim = virtual_query.shape
-    group = heads // keys.shape[0]
-    k = keys.float().repeat_interleave(group, dim=0)  # [H, T, D]
+    group = heads // keys.shape[-3]
+    k = keys.float().repeat_interleave(group, dim=-3)  # [..., H, T, D]
     vq = torch.as_tensor(virtual_query, device=k.device, dtype=torch.float32)
     w = torch.as_tensor(magnitude_weight, device=k.device, dtype=torch.float32)
     if pairing == "half":
         re, im = k[..., : dim // 2], k[..., dim // 2:]
     else:
         re, im = k[..., 0::2], k[..., 1::2]
-    trig = torch.einsum("htd,hd->ht", k, vq)
-    magnitude = torch.einsum("htf,hf->ht", torch.sqrt(re * re + im * im), w)
+    trig = torch.einsum("...htd,hd->...ht", k, vq)
+    magnitude = torch.einsum("...htf,hf->...ht", torch.sqrt(re * re + im * im), w)
     return trig + magnitude

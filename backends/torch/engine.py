@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...engine import Engine
+from ...engine import Engine, SequenceRunner
 from ...errors import UserError
 from ...methods import BaselineScorer, KeyScorer
 from ...rope import ModelShape
 from .cache import TriAttentionCache
-from .methods import RECORDER_KWARG, RECORDING, AttentionRecorder, baseline_head_scores, enable_capture
+from .methods import RECORDER_KWARG, RECORDING, AttentionRecorder, RecorderRow, baseline_head_scores, enable_capture
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,8 +38,9 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 class TorchRunner:
-    """One sequence: a TriAttentionCache and the model forward at explicit positions, plus, for the attention-based
-    baselines, a recorder of the queries (or attention) they score with."""
+    """A batch of sequences in lockstep (engine.ModelRunner): a TriAttentionCache [B, Hkv, T, D] and the model forward
+    at explicit positions, plus, for the attention-based baselines, a recorder of the queries (or attention) they
+    score with. The batch size is set by the first forward after reset and shrinks with select_rows."""
 
     def __init__(self, engine: "TorchEngine", scorer: KeyScorer | None = None):
         self.engine = engine
@@ -55,14 +56,16 @@ class TorchRunner:
             self.recorder.reset()
 
     @torch.inference_mode()
-    def forward(self, token_ids: list[int], start_position: int) -> np.ndarray:
+    def forward(self, token_ids, start_position: int) -> np.ndarray:
         device = self.engine.device
-        ids = torch.tensor([token_ids], device=device)
-        positions = torch.arange(start_position, start_position + len(token_ids), device=device)[None]
+        ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64), device=device)  # [B, n]
+        batch, n = ids.shape
+        positions = torch.arange(start_position, start_position + n, device=device).expand(batch, n)
         record = {RECORDER_KWARG: self.recorder} if self.recorder is not None else {}
-        out = self.engine.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
-                                logits_to_keep=1, **record)
-        return out.logits[0, -1].float().cpu().numpy()
+        cache = {self.engine.cache_kwarg: self.cache}
+        out = self.engine.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **cache,
+                                **record)
+        return out.logits[:, -1].float().cpu().numpy()  # [B, vocab]: one copy to the host per step
 
     @torch.inference_mode()
     def head_scores(self, scorer: KeyScorer, round_start: int) -> np.ndarray:
@@ -72,9 +75,30 @@ class TorchRunner:
 
     @torch.inference_mode()
     def compact(self, keep: np.ndarray) -> None:
+        keep = torch.as_tensor(keep, device=self.engine.device)  # [B, layers, kv_heads, K]
         self.cache.compact(keep)
         if self.recorder is not None:
             self.recorder.compact(keep)
+
+    @torch.inference_mode()
+    def select_rows(self, rows: list[int]) -> None:
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.engine.device)
+        self.cache.batch_select_indices(idx)
+        if self.recorder is not None:
+            self.recorder.select_rows(idx)
+
+
+class TorchSequenceRunner(SequenceRunner):
+    """One sequence (what Session uses): a TorchRunner with a batch of one, plus views of its cache (K/V
+    [1, Hkv, T, D]) and of its recorder's row, for inspection."""
+
+    @property
+    def cache(self) -> TriAttentionCache:
+        return self.runner.cache
+
+    @property
+    def recorder(self) -> RecorderRow | None:
+        return None if self.runner.recorder is None else self.runner.recorder.row(0)
 
 
 class TorchEngine(Engine):
@@ -102,6 +126,9 @@ class TorchEngine(Engine):
             self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype).to(self.device).eval()
         except (OSError, ValueError) as e:
             raise UserError(f"{model_path}: cannot load the model ({str(e).splitlines()[0]})") from None
+        from .calibrate import _cache_kwarg
+
+        self.cache_kwarg = _cache_kwarg(self.model)  # an older transformers would silently ignore `cache=`
         self.model_id = str(path)
         self.model_path = path
         s = self.shape
@@ -110,6 +137,9 @@ class TorchEngine(Engine):
 
     def new_runner(self, scorer: KeyScorer | None = None) -> TorchRunner:
         return TorchRunner(self, scorer)
+
+    def new_sequence_runner(self, scorer: KeyScorer | None = None) -> TorchSequenceRunner:
+        return TorchSequenceRunner(self.new_runner(scorer))
 
     def calibrate(self, text: str, progress: bool = True, max_tokens: int | None = None):
         from .calibrate import calibrate

@@ -7,6 +7,9 @@ attention implementation is swapped for a registered wrapper ("triattn+sdpa", �
 recorder passed in forward's kwargs, then calls the original implementation. Without a recorder the wrapper only
 calls the original, so other sessions of the same engine are unaffected.
 
+Everything is batched: a runner holds a batch of sequences in lockstep, so every tensor here has a leading batch
+dimension [B, …] (the score functions accept any leading dimensions, or none), and row b is sequence b.
+
 The slots of a cache row are in position order, and a forward appends its tokens as the last slots. Every round
 keeps the policy's recent window, which is at least the observation window (methods.make_scorer caps it), so the
 observed tokens are the last slots of every row too: that is where the causal mask of their queries comes from.
@@ -15,6 +18,7 @@ observed tokens are the last slots of every row too: that is where the causal ma
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,8 +58,16 @@ def enable_capture(model) -> None:
     model.config._attn_implementation = name
 
 
+@dataclass
+class RecorderRow:
+    """One row of an AttentionRecorder without the batch dimension (for inspection): per layer [H, …] or None."""
+
+    queries: list[torch.Tensor | None]
+    received: list[torch.Tensor | None]
+
+
 class AttentionRecorder:
-    """One sequence's record for an attention-based baseline: the last obs_window post-RoPE queries of every layer
+    """A batch's record for an attention-based baseline: the last obs_window post-RoPE queries of every layer
     (snapkv, rkv), or the attention every cached key has received from every query so far (h2o)."""
 
     def __init__(self, scorer: BaselineScorer, num_layers: int):
@@ -64,81 +76,92 @@ class AttentionRecorder:
         self.reset()
 
     def reset(self) -> None:
-        self.queries: list[torch.Tensor | None] = [None] * self.num_layers  # [H, ≤ obs_window, D]
-        self.received: list[torch.Tensor | None] = [None] * self.num_layers  # [H, T] float32, one per cache slot
+        self.queries: list[torch.Tensor | None] = [None] * self.num_layers  # [B, H, ≤ obs_window, D]
+        self.received: list[torch.Tensor | None] = [None] * self.num_layers  # [B, H, T] float32, one per cache slot
         self.scaling: float | None = None
 
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """From the attention wrapper: this forward's queries [1, H, n, D] and the whole cache's keys
-        [1, Hkv, T, D], the n new tokens last."""
+        """From the attention wrapper: this forward's queries [B, H, n, D] and the whole cache's keys
+        [B, Hkv, T, D], the n new tokens last."""
         self.scaling = scaling
-        q = query[0]
         if self.scorer.method == "h2o":
-            got = causal_attention(q, key[0], scaling).sum(dim=1)  # [H, T]
+            got = causal_attention(query, key, scaling).sum(dim=-2)  # [B, H, T]
             before = self.received[layer]
             if before is not None:
-                got[:, : before.shape[1]] += before
+                got[..., : before.shape[-1]] += before
             self.received[layer] = got
         else:
             before = self.queries[layer]
-            q = q if before is None else torch.cat([before, q], dim=1)
-            self.queries[layer] = q[:, -self.scorer.obs_window:].clone()  # bounded: no view of a long chunk
+            q = query if before is None else torch.cat([before, query], dim=-2)
+            self.queries[layer] = q[..., -self.scorer.obs_window:, :].clone()  # bounded: no view of a long chunk
 
-    def compact(self, keep: np.ndarray) -> None:
-        """Follow the cache's compaction: keep the received attention of the kept slots (queries are not slots)."""
+    def compact(self, keep: torch.Tensor) -> None:
+        """Follow the cache's compaction keep [B, layers, kv_heads, K]: keep the received attention of the kept
+        slots (queries are not slots)."""
         for i, got in enumerate(self.received):
             if got is not None:
-                idx = torch.as_tensor(keep[i], device=got.device).repeat_interleave(self.scorer.group_size, dim=0)
-                self.received[i] = torch.gather(got, 1, idx)
+                idx = keep[:, i].to(got.device).repeat_interleave(self.scorer.group_size, dim=1)  # [B, H, K]
+                self.received[i] = torch.gather(got, 2, idx)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Follow the cache when the batch keeps only these rows (indices into the current batch)."""
+        self.queries = [None if q is None else q[rows.to(q.device)] for q in self.queries]
+        self.received = [None if r is None else r[rows.to(r.device)] for r in self.received]
+
+    def row(self, b: int) -> RecorderRow:
+        """Row b's record, without the batch dimension."""
+        return RecorderRow([None if q is None else q[b] for q in self.queries],
+                           [None if r is None else r[b] for r in self.received])
 
 
 # ---- scores of one layer ---------------------------------------------------------------------------------------
 
 
 def causal_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Softmax attention [H, n, T] (float32) of the queries [H, n, D] of the last n cached tokens over all the cached
-    keys [Hkv, T, D]: each query sees the slots up to its own."""
-    heads, n, _ = queries.shape
-    t = keys.shape[1]
-    k = keys.float().repeat_interleave(heads // keys.shape[0], dim=0)  # query head h reads KV head h // group
-    logits = torch.einsum("hnd,htd->hnt", queries.float(), k) * scaling
+    """Softmax attention [..., H, n, T] (float32) of the queries [..., H, n, D] of the last n cached tokens over all
+    the cached keys [..., Hkv, T, D]: each query sees the slots up to its own."""
+    heads, n, _ = queries.shape[-3:]
+    t = keys.shape[-2]
+    k = keys.float().repeat_interleave(heads // keys.shape[-3], dim=-3)  # query head h reads KV head h // group
+    logits = torch.einsum("...hnd,...htd->...hnt", queries.float(), k) * scaling
     slot = torch.arange(t, device=keys.device)
     own = torch.arange(t - n, t, device=keys.device)
     return logits.masked_fill(slot[None, :] > own[:, None], float("-inf")).softmax(dim=-1)
 
 
 def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """1-D max pooling of [H, T] along the keys, same length (odd kernel): neighbours of an important key count."""
+    """1-D max pooling of [..., T] along the keys, same length (odd kernel): neighbours of an important key count."""
     if kernel <= 1:
         return scores
-    return F.max_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    return F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(scores.shape)
 
 
 def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float, kernel: int = 7) -> torch.Tensor:
-    """SnapKV: attention of the observation queries, summed over them, max-pooled along the keys: [H, T]."""
-    return max_pool(causal_attention(queries, keys, scaling).sum(dim=1), kernel)
+    """SnapKV: attention of the observation queries, summed over them, max-pooled along the keys: [..., H, T]."""
+    return max_pool(causal_attention(queries, keys, scaling).sum(dim=-2), kernel)
 
 
 def key_redundancy(keys: torch.Tensor) -> torch.Tensor:
-    """R-KV redundancy [Hkv, T]: each key's mean cosine similarity to the other keys of its KV head, softmaxed over
-    the keys (as R-KV does, so it is on the scale of the attention distribution it is mixed with)."""
+    """R-KV redundancy [..., Hkv, T]: each key's mean cosine similarity to the other keys of its KV head, softmaxed
+    over the keys (as R-KV does, so it is on the scale of the attention distribution it is mixed with)."""
     k = F.normalize(keys.float(), dim=-1)
-    sim = k @ k.transpose(1, 2)  # [Hkv, T, T]
+    sim = k @ k.transpose(-1, -2)  # [..., Hkv, T, T]
     t = sim.shape[-1]
-    mean_other = (sim.sum(dim=-1) - sim.diagonal(dim1=1, dim2=2)) / max(t - 1, 1)
+    mean_other = (sim.sum(dim=-1) - sim.diagonal(dim1=-2, dim2=-1)) / max(t - 1, 1)
     return mean_other.softmax(dim=-1)
 
 
 def rkv_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float, kernel: int = 7,
                lam: float = 0.1) -> torch.Tensor:
     """R-KV: λ·importance − (1 − λ)·redundancy, importance being the observation queries' attention averaged over
-    them (a distribution over the keys) and max-pooled: [H, T]."""
-    importance = max_pool(causal_attention(queries, keys, scaling).mean(dim=1), kernel)
-    redundancy = key_redundancy(keys).repeat_interleave(queries.shape[0] // keys.shape[0], dim=0)
+    them (a distribution over the keys) and max-pooled: [..., H, T]."""
+    importance = max_pool(causal_attention(queries, keys, scaling).mean(dim=-2), kernel)
+    redundancy = key_redundancy(keys).repeat_interleave(queries.shape[-3] // keys.shape[-3], dim=-2)
     return lam * importance - (1 - lam) * redundancy
 
 
-# ---- the registry ----------------------------------------------------------------------------------------------
+# ---- the registry: one layer's scores [B, H, T] from its keys [B, Hkv, T, D] ----------------------------------
 
 
 def _snapkv(scorer: BaselineScorer, layer: int, keys: torch.Tensor, recorder: AttentionRecorder) -> torch.Tensor:
@@ -155,7 +178,8 @@ def _h2o(scorer: BaselineScorer, layer: int, keys: torch.Tensor, recorder: Atten
 
 def _streaming(scorer: BaselineScorer, layer: int, keys: torch.Tensor, recorder: None) -> torch.Tensor:
     """The slot index: slots are in position order, so the policy keeps the sinks and the newest tokens."""
-    return torch.arange(keys.shape[1], dtype=torch.float32).expand(keys.shape[0] * scorer.group_size, -1)
+    batch, kv_heads, t, _ = keys.shape
+    return torch.arange(t, dtype=torch.float32, device=keys.device).expand(batch, kv_heads * scorer.group_size, t)
 
 
 BASELINES = {"snapkv": _snapkv, "rkv": _rkv, "streaming": _streaming, "h2o": _h2o}
@@ -163,8 +187,7 @@ RECORDING = ("snapkv", "rkv", "h2o")  # the baselines that need the attention wr
 
 
 def baseline_head_scores(scorer: BaselineScorer, cache, recorder: AttentionRecorder | None) -> np.ndarray:
-    """Scores [layers, heads, T] of every cached key of cache (a TriAttentionCache) for every query head."""
+    """Scores [B, layers, heads, T] of every cached key of cache (a TriAttentionCache) for every query head."""
     score = BASELINES[scorer.method]
-    return np.stack([
-        score(scorer, i, layer.keys[0], recorder).float().cpu().numpy() for i, layer in enumerate(cache.layers)
-    ])
+    scores = [score(scorer, i, layer.keys, recorder).float() for i, layer in enumerate(cache.layers)]
+    return torch.stack(scores, dim=1).cpu().numpy()  # one copy to the host

@@ -75,3 +75,33 @@ def parse_answer(text: str) -> int | None:
     tail = text.split("</think>")[-1]
     m = ANSWER_RE.search(tail)
     return int(m.group(1)) if m else None
+
+
+def calibration_text(count: int = 8, seed: int = 7) -> str:
+    """Solved problems laid out as chat conversations: in-domain text to calibrate the demo model's stats on."""
+    rng = random.Random(seed + 2 * 10**9)
+    out = []
+    for _ in range(count):
+        p = make_problem(rng)
+        out.append(f"<|im_start|>user\n{p.prompt}<|im_end|>\n<|im_start|>assistant\n{p.response}<|im_end|>\n")
+    return "".join(out)
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Print a demo problem (pipe it into `triattn run demo`).")
+    ap.add_argument("--steps", type=int, help=f"lines to compute ({MIN_STEPS}-{MAX_STEPS}; random if omitted)")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--answer", action="store_true", help="print the expected final value instead")
+    ap.add_argument("--calibration", type=int, metavar="N", help="print N solved problems (calibration text)")
+    args = ap.parse_args()
+    if args.calibration:
+        print(calibration_text(args.calibration), end="")
+        return
+    p = make_problem(random.Random(args.seed), steps=args.steps)
+    print(p.answer if args.answer else p.prompt, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""`triattn eval`: accuracy on held-out demo problems under a KV budget, for TriAttention and the baselines.
+
+Every method runs behind the same budget policy (sinks, recent window, divide length, pruning mode), at each
+budget, on the same problems, greedily; full attention is the reference. Results: a JSON file, a markdown table
+(accuracy, 95 % Wilson interval, problem count per cell) and a PNG plot (accuracy vs budget and vs KV memory).
+Cells can run in several processes at once (--jobs), which keeps a GPU busy with this small model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+DEFAULT_METHODS = ("full", "triattention", "snapkv", "rkv", "h2o", "streaming")
+DEFAULT_BUDGETS = (128, 192, 256, 512, 1280)
+
+
+@dataclass
+class Cell:
+    method: str
+    budget: int | None  # None: full attention
+    problems: int
+    correct: int
+    mean_peak_kv_tokens: float
+    mean_kv_bytes_peak: float
+    mean_logical_tokens: float
+    seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.problems if self.problems else 0.0
+
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.correct, self.problems)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n (well behaved at 0 % and 100 %)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = "demo"
+    problems: int = 200
+    window: int = 32
+    divide_length: int = 32
+    sinks: int = 4
+    pruning_mode: str = "per_head"
+    protect_prefill: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    batch: int = 256
+    seed: int = 20261129
+
+
+def run_cell(cfg: EvalConfig, method: str, budget: int | None) -> Cell:
+    """One (method, budget) cell: every problem, batched, greedy."""
+    from .backends import load_engine
+    from .batch import generate_batch
+    from .demo.task import MAX_STEPS, held_out_problems, parse_answer
+    from .engine import CompressionSettings
+    from .policy import BudgetPolicy
+    from .sampling import SamplingParams
+    from .stats_cache import resolve_stats
+
+    engine = load_engine(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    problems = held_out_problems(cfg.problems, seed=cfg.seed)
+    if method == "full":
+        settings = CompressionSettings(policy=None)
+    else:
+        policy = BudgetPolicy(budget, cfg.divide_length, cfg.window, cfg.sinks, cfg.protect_prefill, cfg.pruning_mode)
+        stats = resolve_stats(engine, None) if method == "triattention" else None
+        settings = CompressionSettings(policy=policy, stats=stats, method=method)
+    params = SamplingParams(max_tokens=10 * MAX_STEPS + 64, temperature=0.0)
+    start = time.perf_counter()
+    results = []
+    for i in range(0, len(problems), cfg.batch):
+        chunk = problems[i:i + cfg.batch]
+        prompts = [engine.encode_prompt(p.prompt) for p in chunk]
+        results += generate_batch(engine, prompts, settings, params)
+    correct = sum(parse_answer(r.text) == p.answer for r, p in zip(results, problems))
+    n = len(results)
+    return Cell(
+        method=method, budget=budget, problems=n, correct=correct,
+        mean_peak_kv_tokens=sum(r.metrics.peak_retained_tokens for r in results) / n,
+        mean_kv_bytes_peak=sum(r.metrics.peak_retained_tokens for r in results) / n * engine.kv_bytes_per_token,
+        mean_logical_tokens=sum(r.metrics.logical_tokens for r in results) / n,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _cell_job(args) -> dict:
+    cfg, method, budget = args
+    return asdict(run_cell(cfg, method, budget))
+
+
+def run_eval(cfg: EvalConfig, methods, budgets, jobs: int = 1, on_cell=None) -> list[Cell]:
+    """Every (method, budget) cell, full attention once; on_cell(cell, cells so far) after each one finishes."""
+    tasks = [(cfg, "full", None)] if "full" in methods else []
+    tasks += [(cfg, m, b) for b in budgets for m in methods if m != "full"]
+    cells: list[Cell] = []
+
+    def done(cell: Cell) -> None:
+        cells.append(cell)
+        if on_cell is not None:
+            on_cell(cell, cells)
+
+    if jobs <= 1:
+        for t in tasks:
+            done(run_cell(*t))
+        return cells
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        for row in pool.imap_unordered(_cell_job, tasks):
+            done(Cell(**row))
+    return cells
+
+
+def describe(c: Cell) -> str:
+    lo, hi = c.interval()
+    budget = "full" if c.budget is None else f"B={c.budget}"
+    return (f"{c.method:13s} {budget:7s} {100 * c.accuracy:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] "
+            f"n={c.problems} peak KV {c.mean_peak_kv_tokens:.0f} tok, {c.seconds:.0f} s")
+
+
+def write_results(cells: list[Cell], cfg: EvalConfig, out: Path, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"config": asdict(cfg), "command": command,
+            "cells": [dict(asdict(c), accuracy=c.accuracy, interval95=c.interval()) for c in cells]}
+    (out / "fidelity.json").write_text(json.dumps(data, indent=1))
+    (out / "fidelity.md").write_text(markdown_table(cells, cfg, command))
+
+
+def markdown_table(cells: list[Cell], cfg: EvalConfig, command: str) -> str:
+    budgets = sorted({c.budget for c in cells if c.budget is not None})
+    methods = [m for m in DEFAULT_METHODS if any(c.method == m for c in cells if c.budget is not None)]
+    full = next((c for c in cells if c.method == "full"), None)
+    typical = full.mean_logical_tokens if full else None
+    head = "| method | " + " | ".join(
+        f"B={b}" + (f" ({typical / b:.0f}x)" if typical else "") for b in budgets) + " |"
+    lines = [head, "|---" * (len(budgets) + 1) + "|"]
+    for m in methods:
+        row = [f"| {m} "]
+        for b in budgets:
+            c = next((c for c in cells if c.method == m and c.budget == b), None)
+            if c is None:
+                row.append("| – ")
+            else:
+                lo, hi = c.interval()
+                row.append(f"| {100 * c.accuracy:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}] ")
+        lines.append("".join(row) + "|")
+    notes = [f"n = {cells[0].problems} held-out problems per cell; [95 % Wilson interval]; greedy; "
+             f"window {cfg.window}, sinks {cfg.sinks}, divide length {cfg.divide_length}, "
+             f"pruning mode {cfg.pruning_mode}, prompt protection {'on' if cfg.protect_prefill else 'off'}."]
+    if full:
+        lo, hi = full.interval()
+        notes.append(f"Full attention: {100 * full.accuracy:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}], "
+                     f"mean sequence {full.mean_logical_tokens:.0f} tokens (the compression ratios above are of this).")
+    notes.append(f"Command: `{command}`")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def plot(json_path: Path, png_path: Path) -> None:
+    """Accuracy vs budget and vs peak KV memory, one line per method, with the 95 % intervals."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("the plot needs matplotlib: pip install matplotlib") from None
+    data = json.loads(Path(json_path).read_text())
+    cells = data["cells"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    full = next((c for c in cells if c["method"] == "full"), None)
+    for m in DEFAULT_METHODS:
+        rows = sorted((c for c in cells if c["method"] == m and c["budget"] is not None), key=lambda c: c["budget"])
+        if not rows:
+            continue
+        acc = [100 * c["accuracy"] for c in rows]
+        err = [[100 * (c["accuracy"] - c["interval95"][0]) for c in rows],
+               [100 * (c["interval95"][1] - c["accuracy"]) for c in rows]]
+        axes[0].errorbar([c["budget"] for c in rows], acc, yerr=err, marker="o", capsize=3, label=m)
+        axes[1].errorbar([c["mean_kv_bytes_peak"] / 2**20 for c in rows], acc, yerr=err, marker="o", capsize=3,
+                         label=m)
+    if full:
+        for ax in axes:
+            ax.axhline(100 * full["accuracy"], color="black", linestyle="--", label="full attention")
+        axes[1].axvline(full["mean_kv_bytes_peak"] / 2**20, color="grey", linestyle=":", label="full KV (mean peak)")
+    axes[0].set(xscale="log", xlabel="KV budget (tokens per layer and KV head)", ylabel="accuracy (%)",
+                title="accuracy vs budget")
+    axes[1].set(xscale="log", xlabel="peak KV memory (MiB, mean per problem)", ylabel="accuracy (%)",
+                title="accuracy vs KV memory")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.set_ylim(-2, 102)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"demo model, {cells[0]['problems']} held-out problems per point (95 % Wilson intervals)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
