@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from test_cli import assert_one_line_error, triattn
-from test_torch_backend import synthetic_stats
+from test_torch_backend import synthetic_stats, watch_cache_sizes
 from triattn_local.backends import load_engine
 from triattn_local.backends.torch.methods import BASELINES, key_redundancy, rkv_scores
 from triattn_local.engine import CompressionEvent, CompressionSettings, TokenEvent
@@ -55,15 +55,7 @@ def test_retained_kv_never_exceeds_budget_plus_divide_length(method, mode, tiny_
     budget, divide = 48, 16
     prompt = [int(x) for x in np.random.default_rng(0).integers(5, 300, size=5 * budget)]
     session = engine.session(settings(engine, BudgetPolicy(budget, divide, 8, 2, pruning_mode=mode), method))
-    sizes = []
-    forward = session.runner.forward
-
-    def watched_forward(ids, start):
-        out = forward(ids, start)
-        sizes.append({tuple(layer.keys.shape) for layer in session.runner.cache.layers})
-        return out
-
-    session.runner.forward = watched_forward
+    sizes = watch_cache_sizes(session)
     done = list(session.generate(prompt, SamplingParams(max_tokens=40, temperature=0.8, seed=1)))[-1]
     assert max(shape[2] for s in sizes for shape in s) <= budget + divide
     assert all(len(s) == 1 for s in sizes)

@@ -39,6 +39,20 @@ def generate(engine, prompt, policy, n, temperature=0.0, seed=None):
     return tokens, rounds, done, session
 
 
+def watch_cache_sizes(session) -> list[set]:
+    """Record, after every forward of the session, the set of cache tensor shapes over its layers."""
+    sizes = []
+    forward = session.runner.forward
+
+    def watched_forward(ids, start):
+        out = forward(ids, start)
+        sizes.append({tuple(layer.keys.shape) for layer in session.runner.cache.layers})
+        return out
+
+    session.runner.forward = watched_forward
+    return sizes
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_large_budget_matches_transformers_generate(arch, tiny_model_factory):
     """Budget above the whole sequence: token-for-token the same greedy output as transformers' own generate."""
@@ -65,15 +79,7 @@ def test_retained_kv_never_exceeds_budget_plus_divide_length(mode, tiny_model_fa
     prompt = list(np.random.default_rng(0).integers(5, 300, size=5 * budget))  # several times the budget
     session = engine.session(CompressionSettings(BudgetPolicy(budget, divide, 8, 2, pruning_mode=mode),
                                                  synthetic_stats(engine.shape)))
-    sizes = []
-    forward = session.runner.forward
-
-    def watched_forward(ids, start):
-        out = forward(ids, start)
-        sizes.append({tuple(layer.keys.shape) for layer in session.runner.cache.layers})
-        return out
-
-    session.runner.forward = watched_forward
+    sizes = watch_cache_sizes(session)
     events = list(session.generate([int(x) for x in prompt], SamplingParams(max_tokens=80, temperature=0.8, seed=1)))
     done = events[-1]
     assert max(shape[2] for s in sizes for shape in s) <= budget + divide
