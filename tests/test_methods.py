@@ -10,7 +10,7 @@ from triattn_local.backends import load_engine
 from triattn_local.backends.torch.methods import BASELINES, key_redundancy, rkv_scores
 from triattn_local.engine import CompressionEvent, CompressionSettings, TokenEvent
 from triattn_local.errors import UserError
-from triattn_local.methods import METHODS, BaselineScorer
+from triattn_local.methods import METHODS, BaselineScorer, make_scorer
 from triattn_local.policy import BudgetPolicy
 from triattn_local.sampling import SamplingParams
 
@@ -157,3 +157,15 @@ def test_cli_runs_a_baseline_without_stats(tiny_model_factory, tmp_path):
     summary = r.stderr.strip().splitlines()[-1]
     assert int(summary.split("peak KV ")[1].split()[0]) <= 48
     assert trace.read_text().strip()  # rounds ran
+
+
+def test_max_offset_sets_the_future_queries_triattention_scores_for(tiny_model_factory):
+    engine = load_engine(str(tiny_model_factory("qwen3")), device="cpu", dtype="float32")
+    policy = BudgetPolicy(64, 16, 16, 4)
+    stats = synthetic_stats(engine.shape)
+    near = make_scorer(CompressionSettings(policy=policy, stats=stats, max_offset=512), engine.shape)
+    far = make_scorer(CompressionSettings(policy=policy, stats=stats), engine.shape)
+    assert list(near.offsets) == [2.0**i for i in range(10)]
+    assert far.offsets[-1] == 65536
+    keys = np.random.default_rng(0).standard_normal((engine.shape.num_kv_heads, 40, engine.shape.head_dim))
+    assert not np.allclose(near.head_scores(0, keys, 100), far.head_scores(0, keys, 100))

@@ -135,6 +135,7 @@ def eval_command(
     sink: int = typer.Option(4, "--sink", help="Sink tokens kept by every method."),
     pruning_mode: str = typer.Option("per_head", help="per_layer_head | per_head | global."),
     protect_prefill: bool = typer.Option(False, "--protect-prefill/--no-protect-prefill"),
+    max_offset: int = typer.Option(65536, help="TriAttention scores keys for queries up to this many tokens ahead."),
     batch: int = typer.Option(256, help="Problems generated at once."),
     jobs: int = typer.Option(1, help="Cells run in parallel processes."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -164,7 +165,7 @@ def eval_command(
             BudgetPolicy(b, divide_length, window, sink, protect_prefill, pruning_mode)  # validates
         cfg = EvalConfig(model=model, problems=limit or problems, window=window, divide_length=divide_length,
                          sinks=sink, pruning_mode=pruning_mode, protect_prefill=protect_prefill, device=device,
-                         dtype=dtype, batch=batch)
+                         dtype=dtype, batch=batch, max_offset=max_offset)
         command = "triattn eval " + " ".join(sys.argv[2:])
         def on_cell(cell, cells):  # results so far are on disk after every cell
             print(describe(cell), file=sys.stderr, flush=True)

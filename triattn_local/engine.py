@@ -23,6 +23,7 @@ from .methods import DEFAULT_METHOD, DEFAULT_OBS_WINDOW, KeyScorer, check_method
 from .policy import BudgetPolicy
 from .rope import ModelShape
 from .sampling import Sampler, SamplingParams
+from .scorer import DEFAULT_MAX_OFFSET
 from .stats.format import QueryStats
 
 
@@ -139,6 +140,7 @@ class CompressionSettings:
     group_aggregation: str = "max"
     method: str = DEFAULT_METHOD  # methods.METHODS: triattention or a baseline to compare it with
     obs_window: int = DEFAULT_OBS_WINDOW  # queries the attention-based baselines observe (capped by the window)
+    max_offset: int = DEFAULT_MAX_OFFSET  # TriAttention scores keys for queries 1, 2, 4 … max_offset tokens ahead
 
     def __post_init__(self):
         check_method(self.method)

@@ -61,6 +61,7 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "auto"
     batch: int = 256
+    max_offset: int = 65536
     seed: int = 20261129
 
 
@@ -81,7 +82,7 @@ def run_cell(cfg: EvalConfig, method: str, budget: int | None) -> Cell:
     else:
         policy = BudgetPolicy(budget, cfg.divide_length, cfg.window, cfg.sinks, cfg.protect_prefill, cfg.pruning_mode)
         stats = resolve_stats(engine, None) if method == "triattention" else None
-        settings = CompressionSettings(policy=policy, stats=stats, method=method)
+        settings = CompressionSettings(policy=policy, stats=stats, method=method, max_offset=cfg.max_offset)
     params = SamplingParams(max_tokens=10 * MAX_STEPS + 64, temperature=0.0)
     start = time.perf_counter()
     results = []
@@ -163,7 +164,8 @@ def markdown_table(cells: list[Cell], cfg: EvalConfig, command: str) -> str:
         lines.append("".join(row) + "|")
     notes = [f"n = {cells[0].problems} held-out problems per cell; [95 % Wilson interval]; greedy; "
              f"window {cfg.window}, sinks {cfg.sinks}, divide length {cfg.divide_length}, "
-             f"pruning mode {cfg.pruning_mode}, prompt protection {'on' if cfg.protect_prefill else 'off'}."]
+             f"pruning mode {cfg.pruning_mode}, prompt protection {'on' if cfg.protect_prefill else 'off'}, "
+             f"TriAttention offsets up to {getattr(cfg, 'max_offset', 65536)}."]
     if full:
         lo, hi = full.interval()
         notes.append(f"Full attention: {100 * full.accuracy:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}], "

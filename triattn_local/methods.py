@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import UserError
-from .scorer import TriAttentionScorer, group_scores
+from .scorer import TriAttentionScorer, geometric_offsets, group_scores
 
 if TYPE_CHECKING:
     from .engine import CompressionSettings
@@ -64,6 +64,7 @@ def make_scorer(settings: "CompressionSettings", shape: "ModelShape") -> KeyScor
     if settings.method == "triattention":
         if settings.stats is None:
             raise ValueError("compression needs stats")
-        return TriAttentionScorer(settings.stats, offset_aggregation=settings.offset_aggregation)
+        return TriAttentionScorer(settings.stats, offsets=geometric_offsets(settings.max_offset),
+                                  offset_aggregation=settings.offset_aggregation)
     obs = max(1, min(settings.obs_window, settings.policy.window))
     return BaselineScorer(check_method(settings.method), shape.num_heads // shape.num_kv_heads, obs_window=obs)
