@@ -165,8 +165,9 @@ class Engine(ABC):
     def new_runner(self, scorer: KeyScorer | None = None) -> ModelRunner:
         """A runner for a batch of sequences, recording from the start what scorer needs (e.g. recent queries)."""
 
-    def new_sequence_runner(self, scorer: KeyScorer | None = None) -> SequenceRunner:
-        """A runner for one sequence (a backend may return a subclass that also exposes its cache for inspection)."""
+    def new_sequence_runner(self, scorer: KeyScorer | None = None, capacity: int | None = None) -> SequenceRunner:
+        """A runner for one sequence (a backend may return a subclass that also exposes its cache for inspection).
+        capacity: the most slots the cache will ever hold (B + N with compression), for backends that preallocate."""
         return SequenceRunner(self.new_runner(scorer))
 
     def session(self, compression: CompressionSettings | None = None) -> "Session":
@@ -229,7 +230,8 @@ class Session:
         self._cancel = threading.Event()
         self.state: CompressionState | None = None
         self.scorer: KeyScorer | None = make_scorer(compression, engine.shape) if compression.enabled else None
-        self.runner = engine.new_sequence_runner(self.scorer)
+        capacity = compression.policy.capacity if compression.enabled else None
+        self.runner = engine.new_sequence_runner(self.scorer, capacity=capacity)
         self.reset()
 
     def reset(self) -> None:

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from ...scorer import TriAttentionScorer
+from . import kernels
 
 
 class TriAttentionCache(DynamicCache):
@@ -34,7 +35,10 @@ class TriAttentionCache(DynamicCache):
                 for b in range(keys[0].shape[0])
             ])
         rq = scorer.round_queries(round_start)
-        scores = [score_keys_torch(layer.keys, rq.virtual_query[i], rq.magnitude_weight[i], scorer.pairing)
+        score = score_keys_torch
+        if kernels.available(self.layers[0].keys.device):
+            score = _score_keys_triton
+        scores = [score(layer.keys, rq.virtual_query[i], rq.magnitude_weight[i], scorer.pairing)
                   for i, layer in enumerate(self.layers)]
         return torch.stack(scores, dim=1).cpu().numpy()  # one copy to the host
 
@@ -55,3 +59,8 @@ def score_keys_torch(keys: torch.Tensor, virtual_query: np.ndarray, magnitude_we
     trig = torch.einsum("...htd,hd->...ht", k, vq)
     magnitude = torch.einsum("...htf,hf->...ht", torch.sqrt(re * re + im * im), w)
     return trig + magnitude
+
+
+def _score_keys_triton(keys: torch.Tensor, virtual_query: np.ndarray, magnitude_weight: np.ndarray,
+                       pairing: str = "half") -> torch.Tensor:
+    return kernels.score_keys(keys, torch.from_numpy(virtual_query), torch.from_numpy(magnitude_weight), pairing)

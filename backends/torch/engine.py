@@ -12,6 +12,7 @@ from ...engine import Engine, SequenceRunner
 from ...errors import UserError
 from ...methods import BaselineScorer, KeyScorer
 from ...rope import ModelShape
+from ...scorer import TriAttentionScorer
 from .cache import TriAttentionCache
 from .methods import RECORDER_KWARG, RECORDING, AttentionRecorder, RecorderRow, baseline_head_scores, enable_capture
 
@@ -104,7 +105,7 @@ class TorchSequenceRunner(SequenceRunner):
 class TorchEngine(Engine):
     backend = "torch"
 
-    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", static_cache: bool | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -134,12 +135,30 @@ class TorchEngine(Engine):
         s = self.shape
         self.kv_bytes_per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
         self.context_length = s.max_position_embeddings
+        # The bounded static cache + CUDA graph path serves TriAttention on CUDA; transformers' DynamicCache the rest.
+        self.static_cache = self.device == "cuda" if static_cache is None else static_cache
+        self._static_model = None
 
-    def new_runner(self, scorer: KeyScorer | None = None) -> TorchRunner:
+    def static_model(self):
+        """The model as a StaticKVModel (same weight tensors), built on first use."""
+        if self._static_model is None:
+            from .static_model import StaticKVModel
+
+            self._static_model = StaticKVModel.from_hf(self.model)
+        return self._static_model
+
+    def new_runner(self, scorer: KeyScorer | None = None, capacity: int | None = None):
+        """A runner; with a known capacity (TriAttention's B + N) and the static path on, the bounded-cache runner."""
+        if self.static_cache and capacity and isinstance(scorer, TriAttentionScorer) \
+                and scorer.offset_aggregation == "mean":
+            from .static_runner import StaticRunner
+
+            return StaticRunner(self.static_model(), capacity)
         return TorchRunner(self, scorer)
 
-    def new_sequence_runner(self, scorer: KeyScorer | None = None) -> TorchSequenceRunner:
-        return TorchSequenceRunner(self.new_runner(scorer))
+    def new_sequence_runner(self, scorer: KeyScorer | None = None, capacity: int | None = None) -> SequenceRunner:
+        runner = self.new_runner(scorer, capacity)
+        return TorchSequenceRunner(runner) if isinstance(runner, TorchRunner) else SequenceRunner(runner)
 
     def calibrate(self, text: str, progress: bool = True, max_tokens: int | None = None):
         from .calibrate import calibrate

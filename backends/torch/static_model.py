@@ -1,0 +1,202 @@
+"""A decoder with a pre-allocated, bounded KV cache whose decode step is captured in a CUDA graph (gpt-fast style).
+
+TriAttention bounds the cache to B + N slots, so every decode step has the same shapes: attention always runs over
+the whole buffer of `capacity` slots, with a mask that hides the slots not filled yet. The step is captured once
+in a CUDA graph and replayed; every N tokens, between replays, the cache is scored and compacted in place (Triton
+kernels, kernels.py), so the buffers keep their addresses and the graph stays valid. The reference vLLM plugin has
+to run eagerly; this is the point of bounding the cache.
+
+Slots hold keys in position order (compaction keeps ascending slots, new tokens go after the last filled slot),
+so "slot ≤ the query's own slot" is the causal mask. Keys keep their original RoPE positions: the position of a new
+token and the slot it is written to are separate inputs.
+
+The module mirrors transformers' parameter names (model.layers.i.self_attn.q_proj …) for Qwen3, Qwen2 and Llama,
+so an HF checkpoint's state dict loads as is; the rotary embedding is transformers' own for that architecture
+(default, linear, llama3 and yarn scaling alike).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.heads = cfg["num_attention_heads"]
+        self.kv_heads = cfg.get("num_key_value_heads") or self.heads
+        self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.heads
+        hidden = cfg["hidden_size"]
+        qkv_bias = cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False))
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=bool(cfg.get("attention_bias", False))
+                                and cfg.get("model_type") != "qwen2")
+        self.qk_norm = cfg.get("model_type") == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
+            self.k_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
+
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask):
+        """x [B, n, hidden]; k/v_cache [B, Hkv, C, D] (written at `slots` [n]); mask [n, C] bool (True = attend)."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, n, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+        bias = bool(cfg.get("mlp_bias", False))
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg["num_hidden_layers"]))
+        self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
+
+
+class StaticKVModel(nn.Module):
+    """Qwen3 / Qwen2 / Llama with a static KV cache of `capacity` slots per (row, layer, KV head)."""
+
+    def __init__(self, config, rotary: nn.Module):
+        super().__init__()
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+        if cfg.get("tie_word_embeddings"):
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = rotary  # transformers' own rotary embedding of this architecture
+        attn = self.model.layers[0].self_attn
+        self.num_layers, self.kv_heads, self.head_dim = len(self.model.layers), attn.kv_heads, attn.head_dim
+        self.k_cache: torch.Tensor | None = None  # [L, B, Hkv, C, D]
+        self.v_cache: torch.Tensor | None = None
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module) -> "StaticKVModel":
+        """The same weights as a loaded transformers model (shared tensors, no copy)."""
+        with torch.device("meta"):  # no memory and no random init: the weights come from hf_model
+            model = cls(hf_model.config, None)
+        model.rotary = hf_model.model.rotary_emb
+        missing, unexpected = model.load_state_dict(hf_model.state_dict(), strict=False, assign=True)
+        missing = [m for m in missing if not m.startswith("rotary.")]
+        if missing or [u for u in unexpected if "rotary" not in u]:
+            raise ValueError(f"weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if model.cfg.get("tie_word_embeddings"):
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.to(next(hf_model.parameters()).device).eval()
+
+    def allocate(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> None:
+        """(Re)allocate the cache buffers: the only allocation of KV memory, done once."""
+        p = self.lm_head.weight
+        shape = (self.num_layers, batch, self.kv_heads, capacity, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=p.device, dtype=dtype or p.dtype)
+        self.v_cache = torch.zeros(shape, device=p.device, dtype=dtype or p.dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.k_cache.shape[3]
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """tokens [B, n] at RoPE positions [n], written to cache slots [n] (ascending, contiguous); returns the
+        logits [B, vocab] of the last token. Queries see every slot up to their own."""
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rotary(x, positions[None])  # [1, n, D]
+        cos, sin = cos[:, None], sin[:, None]
+        mask = torch.arange(self.capacity, device=tokens.device)[None, :] <= slots[:, None]  # [n, C]
+        for i, layer in enumerate(self.model.layers):
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, self.k_cache[i], self.v_cache[i], slots,
+                                    mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.model.norm(x[:, -1]))
+
+
+class GraphedDecodeStep:
+    """One decode step (a token per row) captured in a CUDA graph; on a CPU it simply calls the model.
+
+    Inputs are copied into static tensors before each replay: the token ids, the RoPE position and the slot."""
+
+    def __init__(self, model: StaticKVModel, batch: int, use_graph: bool):
+        device = model.lm_head.weight.device
+        self.model = model
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None
+        self.logits = None
+        if use_graph:
+            self._capture()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (kernel selection, autotune)
+            for _ in range(2):
+                self.model(self.tokens, self.position, self.slot)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.model(self.tokens, self.position, self.slot)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, position: int, slot: int) -> torch.Tensor:
+        """Logits [B, vocab] of tokens [B, 1] at `position`, written to cache slot `slot`."""
+        if self.graph is None:
+            pos = torch.tensor([position], device=tokens.device)
+            return self.model(tokens, pos, torch.tensor([slot], device=tokens.device))
+        self.tokens.copy_(tokens)
+        self.position.fill_(position)
+        self.slot.fill_(slot)
+        self.graph.replay()
+        return self.logits

@@ -1,0 +1,96 @@
+"""The bounded static-cache runner (the CUDA fast path) against the transformers path, run here on the CPU.
+
+Same weights, same stats, same policy: the same greedy tokens, the same kept positions in every round, and a cache
+that never holds more than B + N slots. On the device the same tests run with CUDA graphs and Triton kernels
+(STATIC_TEST_DEVICE=cuda)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from test_torch_backend import synthetic_stats
+from triattn_local.backends.torch.engine import TorchEngine
+from triattn_local.backends.torch.static_runner import StaticRunner
+from triattn_local.engine import CompressionEvent, CompressionSettings, TokenEvent
+from triattn_local.policy import BudgetPolicy
+from triattn_local.sampling import SamplingParams
+
+DEVICE = os.environ.get("STATIC_TEST_DEVICE", "cpu")
+ARCHS = ["qwen3", "qwen2", "llama"]
+
+
+def run(engine, prompt, policy, n):
+    session = engine.session(CompressionSettings(policy, synthetic_stats(engine.shape)))
+    lengths = []
+    if isinstance(session.runner.runner, StaticRunner):
+        runner = session.runner.runner
+        forward = runner.forward
+
+        def watched(ids, start):
+            out = forward(ids, start)
+            lengths.append(runner.length)
+            return out
+
+        runner.forward = watched
+    tokens, kept = [], []
+    for ev in session.generate(prompt, SamplingParams(max_tokens=n, temperature=0.0)):
+        if isinstance(ev, TokenEvent):
+            tokens.append(ev.token_id)
+        elif isinstance(ev, CompressionEvent):
+            kept.append(ev.record.kept)
+    return tokens, kept, lengths, session
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["per_layer_head", "per_head", "global"])
+def test_static_runner_keeps_what_the_transformers_path_keeps(arch, mode, tiny_model_factory):
+    path = str(tiny_model_factory(arch))
+    dtype = "float32"
+    static = TorchEngine(path, device=DEVICE, dtype=dtype, static_cache=True)
+    dynamic = TorchEngine(path, device=DEVICE, dtype=dtype, static_cache=False)
+    prompt = [int(x) for x in np.random.default_rng(0).integers(5, 300, size=160)]
+    policy = BudgetPolicy(40, 16, 8, 2, pruning_mode=mode)
+    tokens_s, kept_s, lengths, session = run(static, prompt, policy, 70)
+    tokens_d, kept_d, _, _ = run(dynamic, prompt, policy, 70)
+    assert isinstance(session.runner.runner, StaticRunner)
+    assert len(kept_s) >= 5
+    assert tokens_s == tokens_d
+    assert kept_s == kept_d
+    assert max(lengths) == policy.capacity == session.runner.runner.model.capacity  # never more than B + N
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_runner_without_rounds_equals_full_attention(arch, tiny_model_factory):
+    path = str(tiny_model_factory(arch))
+    static = TorchEngine(path, device=DEVICE, dtype="float32", static_cache=True)
+    prompt = list(range(5, 70))
+    tokens, kept, _, session = run(static, prompt, BudgetPolicy(4096, 16, 8), 50)
+    full = static.session(CompressionSettings(policy=None))
+    ref = [ev.token_id for ev in full.generate(prompt, SamplingParams(max_tokens=50, temperature=0.0))
+           if isinstance(ev, TokenEvent)]
+    assert kept == [] and isinstance(session.runner.runner, StaticRunner)
+    assert tokens == ref
+
+
+def test_compaction_moves_kept_slots_to_the_front(tiny_model_factory):
+    engine = TorchEngine(str(tiny_model_factory("llama")), device=DEVICE, dtype="float32", static_cache=True)
+    runner = engine.new_runner(TriAttentionScorerFor(engine), capacity=64)
+    runner.forward([list(range(5, 45))], 0)
+    before = runner.model.k_cache[:, :, :, :40].clone()
+    rng = np.random.default_rng(0)
+    layers, heads = engine.shape.num_layers, engine.shape.num_kv_heads
+    keep = np.sort(np.stack([np.stack([rng.choice(40, 32, replace=False) for _ in range(heads)])
+                             for _ in range(layers)]), -1)[None]
+    runner.compact(keep)
+    assert runner.length == 32
+    for i in range(layers):
+        for h in range(heads):
+            assert torch.equal(runner.model.k_cache[i, 0, h, :32], before[i, 0, h, keep[0, i, h]])
+
+
+def TriAttentionScorerFor(engine):
+    from triattn_local.scorer import TriAttentionScorer
+
+    return TriAttentionScorer(synthetic_stats(engine.shape))
