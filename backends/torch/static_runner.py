@@ -34,6 +34,17 @@ class StaticRunner:
             self.model.allocate(batch, self.capacity)
             self.batch = batch
             self.step = GraphedDecodeStep(self.model, batch, self.use_graph) if self.use_graph else None
+            if self.use_kernels and self.device.type == "cuda":
+                self._compile_kernels()
+
+    @torch.inference_mode()
+    def _compile_kernels(self) -> None:
+        """Compile (and autotune) the Triton kernels now, before the first token, not in the middle of a round."""
+        keys = self.model.k_cache[0]
+        heads = self.model.model.layers[0].self_attn.heads
+        kernels.score_keys(keys, torch.zeros(heads, self.model.head_dim), torch.zeros(heads, self.model.head_dim // 2))
+        identity = torch.arange(self.capacity, device=self.device).expand(keys.shape[0], keys.shape[1], -1)
+        kernels.compact_(keys, identity)  # keeps every slot where it is: a no-op that compiles the kernel
 
     @torch.inference_mode()
     def forward(self, token_ids, start_position: int) -> np.ndarray:
