@@ -21,6 +21,24 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+ARCHITECTURES = {(8, 0): "Ampere (A100)", (8, 6): "Ampere (RTX 30)", (8, 7): "Ampere (Jetson Orin)",
+                 (8, 9): "Ada (RTX 40)", (9, 0): "Hopper (H100/H200)", (10, 0): "Blackwell (B200)",
+                 (12, 0): "Blackwell (RTX 50)", (12, 1): "Blackwell (DGX Spark GB10)"}
+TESTED_ARCHITECTURES = {(9, 0)}  # where tests/test_triton_kernels.py and test_static_runner.py ran on the GPU
+
+
+def cuda_kernel_note(major: int, minor: int) -> str:
+    """The GPU's architecture and what that means for triattn's Triton kernels and CUDA graphs."""
+    name = ARCHITECTURES.get((major, minor), "unknown architecture")
+    if major < 8:
+        return f"{name} sm_{major}{minor}: below sm_80, the Triton kernels are off (torch fallbacks are used)"
+    if (major, minor) in TESTED_ARCHITECTURES:
+        return f"{name} sm_{major}{minor}: Triton kernels and CUDA-graph decode tested on this architecture"
+    return (f"{name} sm_{major}{minor}: Triton kernels are generic (sm_80+) but untested on this architecture; "
+            "check with TRITON_TEST_DEVICE=cuda STATIC_TEST_DEVICE=cuda pytest tests/test_triton_kernels.py "
+            "tests/test_static_runner.py")
+
+
 def hardware() -> list[tuple[str, str]]:
     """(what, finding) lines; imports torch / mlx only when they are installed."""
     rows = [("cpu", f"{platform.machine()} · {os.cpu_count()} cores · {platform.system()} {platform.release()}")]
@@ -32,6 +50,8 @@ def hardware() -> list[tuple[str, str]]:
                 p = torch.cuda.get_device_properties(i)
                 kind = "ROCm/HIP" if torch.version.hip else f"CUDA {torch.version.cuda}"
                 rows.append((f"gpu {i}", f"{p.name} · sm_{p.major}{p.minor} · {p.total_memory / 2**30:.1f} GiB · {kind}"))
+                if not torch.version.hip:
+                    rows.append((f"kernels {i}", cuda_kernel_note(p.major, p.minor)))
         else:
             rows.append(("cuda", "no CUDA device visible to torch" + (" (CPU build)" if torch.version.cuda is None else "")))
         if getattr(torch.version, "hip", None):
@@ -45,4 +65,11 @@ def hardware() -> list[tuple[str, str]]:
 
             metal += " · Metal available" if mx.metal.is_available() else " · Metal not available"
         rows.append(("metal", metal))
+    elif importlib.util.find_spec("mlx") is not None:  # MLX's Linux builds: CPU, or CUDA with mlx[cuda]
+        try:
+            import mlx.core as mx
+
+            rows.append(("mlx", f"default device {mx.default_device()}"))
+        except ImportError as e:  # e.g. mlx without its [cpu] or [cuda] extra on Linux
+            rows.append(("mlx", f"installed but not importable ({e}); on Linux: pip install 'mlx[cpu]'"))
     return rows

@@ -32,7 +32,7 @@ def available(device: torch.device | str) -> bool:
     if triton is None:
         return False
     if torch.device(device).type == "cuda":
-        return True
+        return torch.cuda.get_device_capability(torch.device(device))[0] >= 8  # bf16 and Triton's sm_80 baseline
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
