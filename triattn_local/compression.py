@@ -41,7 +41,8 @@ class CompressionState:
         self.scorer = scorer
         self.group_aggregation = group_aggregation
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
-        self.positions = np.zeros((num_layers, num_kv_heads, 0), dtype=np.int64)
+        self._slots = np.zeros((num_layers, num_kv_heads, 256), dtype=np.int64)  # grows by doubling
+        self._len = 0
         self.prompt_len = 0
         self.rounds = 0
         self.peak_retained = 0
@@ -53,14 +54,32 @@ class CompressionState:
         return self._next
 
     @property
+    def positions(self) -> np.ndarray:
+        """Original position of every cache slot: [layers, kv_heads, T] (a view)."""
+        return self._slots[..., : self._len]
+
+    @positions.setter
+    def positions(self, value: np.ndarray) -> None:
+        self._len = 0
+        self._reserve(value.shape[-1])
+        self._slots[..., : value.shape[-1]] = value
+        self._len = value.shape[-1]
+
+    @property
     def retained(self) -> int:
-        return self.positions.shape[-1]
+        return self._len
+
+    def _reserve(self, size: int) -> None:
+        if size > self._slots.shape[-1]:
+            grown = np.zeros(self._slots.shape[:-1] + (max(size, 2 * self._slots.shape[-1]),), dtype=np.int64)
+            grown[..., : self._len] = self._slots[..., : self._len]
+            self._slots = grown
 
     def appended(self, count: int) -> None:
-        """Record that the backend appended `count` new tokens to every row of its cache."""
-        new = np.arange(self._next, self._next + count, dtype=np.int64)
-        tiled = np.broadcast_to(new, (self.num_layers, self.num_kv_heads, count))
-        self.positions = np.concatenate([self.positions, tiled], axis=-1)
+        """Record that the backend appended `count` new tokens to every row of its cache (amortised O(count))."""
+        self._reserve(self._len + count)
+        self._slots[..., self._len: self._len + count] = np.arange(self._next, self._next + count, dtype=np.int64)
+        self._len += count
         self._next += count
         self.peak_retained = max(self.peak_retained, self.retained)
 
@@ -79,10 +98,10 @@ class CompressionState:
         row_positions = self._row_positions()
         keep_rows = self.policy.select(rows, row_positions, self.round_start, self.prompt_len)
         keep = self._expand(keep_rows)
+        kept = self._record_rows(keep_rows, row_positions)  # before the slots are overwritten (row_positions is a view)
         self.positions = np.take_along_axis(self.positions, keep, axis=-1)
         self.rounds += 1
-        record = RoundRecord(self.rounds, self._next, self._record_rows(keep_rows, row_positions))
-        return keep, record
+        return keep, RoundRecord(self.rounds, self._next, kept)
 
     def _row_positions(self) -> np.ndarray:
         mode = self.policy.pruning_mode
