@@ -94,3 +94,34 @@ def TriAttentionScorerFor(engine):
     from triattn_local.scorer import TriAttentionScorer
 
     return TriAttentionScorer(synthetic_stats(engine.shape))
+
+
+@pytest.mark.parametrize("mode", ["per_layer_head", "per_head", "global"])
+def test_batched_rounds_on_the_device_equal_the_host_plan(mode, tiny_model_factory):
+    """StaticRunner.compress (the policy's torch form) keeps what each row's CompressionState.plan would."""
+    from triattn_local.compression import CompressionState
+    from triattn_local.scorer import TriAttentionScorer
+
+    engine = TorchEngine(str(tiny_model_factory("qwen3")), device=DEVICE, dtype="float32", static_cache=True)
+    policy = BudgetPolicy(40, 16, 8, 2, pruning_mode=mode)
+    scorer = TriAttentionScorer(synthetic_stats(engine.shape))
+    shape = engine.shape
+    runner = engine.new_runner(scorer, capacity=policy.capacity)
+    prompts = np.random.default_rng(1).integers(5, 300, size=(3, policy.capacity))
+    runner.forward(prompts, 0)
+    states = [CompressionState(policy, scorer, shape.num_layers, shape.num_kv_heads) for _ in range(3)]
+    for s in states:
+        s.appended(policy.capacity)
+    scores = runner.head_scores(scorer, states[0].round_start)
+    k_before = runner.model.k_cache.clone()
+    host = [CompressionState(policy, scorer, shape.num_layers, shape.num_kv_heads) for _ in range(3)]
+    for s in host:
+        s.appended(policy.capacity)
+    want = [s.plan(row) for s, row in zip(host, scores)]
+    records = runner.compress(states, scorer)
+    assert [r.kept for r in records] == [w[1].kept for w in want]
+    for b, (keep, _) in enumerate(want):
+        for i in range(shape.num_layers):
+            for h in range(shape.num_kv_heads):
+                assert torch.equal(runner.model.k_cache[i, b, h, :policy.budget], k_before[i, b, h, keep[i, h]])
+    assert all(np.array_equal(s.positions, h.positions) for s, h in zip(states, host))

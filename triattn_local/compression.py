@@ -95,15 +95,21 @@ class CompressionState:
         """Per-query-head scores [layers, heads, T] → slots to keep [layers, kv_heads, B] and the round's record."""
         kv_scores = self.scorer.group_scores(head_scores, self.group_aggregation)
         rows = self.policy.combine(kv_scores)
-        row_positions = self._row_positions()
-        keep_rows = self.policy.select(rows, row_positions, self.round_start, self.prompt_len)
+        keep_rows = self.policy.select(rows, self.row_positions(), self.round_start, self.prompt_len)
+        return self.apply(keep_rows)
+
+    def apply(self, keep_rows: np.ndarray) -> tuple[np.ndarray, RoundRecord]:
+        """Record a round whose choosing rows keep slots keep_rows [rows, B] (from plan, or from a backend's fast
+        form of the same policy); returns the slots to keep per (layer, KV head) and the round's record."""
+        row_positions = self.row_positions()
         keep = self._expand(keep_rows)
         kept = self._record_rows(keep_rows, row_positions)  # before the slots are overwritten (row_positions is a view)
         self.positions = np.take_along_axis(self.positions, keep, axis=-1)
         self.rounds += 1
         return keep, RoundRecord(self.rounds, self._next, kept)
 
-    def _row_positions(self) -> np.ndarray:
+    def row_positions(self) -> np.ndarray:
+        """Positions [rows, T] of the slots each choosing row of the pruning mode sees."""
         mode = self.policy.pruning_mode
         if mode == "per_layer_head":
             return self.positions.reshape(-1, self.retained)

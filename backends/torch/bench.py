@@ -143,9 +143,7 @@ def bench_static(hf_model, shape_stats, batch: int, context: int, budget: int | 
             if state.needs_compression():  # rows advance in lockstep: they all need a round now
                 torch.cuda.synchronize()
                 tc = time.perf_counter()
-                scores = runner.head_scores(scorer, state.round_start)  # [B, L, H, T]
-                keep = np.stack([s.plan(row)[0] for s, row in zip(states, scores)])
-                runner.compact(keep)
+                runner.compress(states, scorer)  # scored, chosen and compacted on the GPU
                 torch.cuda.synchronize()
                 compress_s += time.perf_counter() - tc
     torch.cuda.synchronize()

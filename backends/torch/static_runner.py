@@ -12,6 +12,7 @@ import torch
 from ...scorer import TriAttentionScorer
 from . import kernels
 from .cache import score_keys_torch
+from .plan import expand_keep, plan_keep_rows
 from .static_model import GraphedDecodeStep, StaticKVModel
 
 
@@ -67,8 +68,8 @@ class StaticRunner:
         """The filled part of one layer's key buffer: [B, Hkv, T, D] (a view)."""
         return self.model.k_cache[layer, :, :, : self.length]
 
-    @torch.inference_mode()
-    def head_scores(self, scorer: TriAttentionScorer, round_start: int) -> np.ndarray:
+    def _scores(self, scorer: TriAttentionScorer, round_start: int) -> torch.Tensor:
+        """Per-query-head scores [B, L, H, T] of every filled slot, on the device."""
         if not isinstance(scorer, TriAttentionScorer) or scorer.offset_aggregation != "mean":
             raise ValueError("the static-cache runner scores with TriAttention (mean over offsets) only")
         rq = scorer.round_queries(round_start)
@@ -80,12 +81,16 @@ class StaticRunner:
             else:
                 scores.append(score_keys_torch(self.keys(i), rq.virtual_query[i], rq.magnitude_weight[i],
                                                scorer.pairing))
-        return torch.stack(scores, dim=1).cpu().numpy()  # [B, L, H, T]: one copy to the host
+        return torch.stack(scores, dim=1)
 
     @torch.inference_mode()
-    def compact(self, keep: np.ndarray) -> None:
+    def head_scores(self, scorer: TriAttentionScorer, round_start: int) -> np.ndarray:
+        return self._scores(scorer, round_start).cpu().numpy()  # [B, L, H, T]: one copy to the host
+
+    @torch.inference_mode()
+    def compact(self, keep: np.ndarray | torch.Tensor) -> None:
         """Move the kept slots [B, L, Hkv, K] (ascending) to the front of the buffers, in place."""
-        keep_t = torch.as_tensor(np.ascontiguousarray(keep), device=self.device)
+        keep_t = torch.as_tensor(keep, device=self.device)
         kept = keep_t.shape[-1]
         for cache in (self.model.k_cache, self.model.v_cache):
             for i in range(self.model.num_layers):
@@ -95,6 +100,19 @@ class StaticRunner:
                     idx = keep_t[:, i, :, :, None].expand(-1, -1, -1, cache.shape[-1])
                     cache[i, :, :, :kept] = torch.gather(cache[i, :, :, : self.length], 2, idx)
         self.length = kept
+
+    @torch.inference_mode()
+    def compress(self, states: list, scorer: TriAttentionScorer) -> list:
+        """One round for every row, decided on the device (plan.py, the policy's torch form); only the kept
+        indices go to the host, where each row's CompressionState records the round. Returns the RoundRecords."""
+        first = states[0]
+        policy = first.policy
+        scores = self._scores(scorer, first.round_start)
+        positions = torch.as_tensor(np.stack([s.row_positions() for s in states]), device=self.device)
+        keep_rows = plan_keep_rows(policy, scores, positions, scorer.group_size, first.group_aggregation,
+                                   first.round_start, first.prompt_len)
+        self.compact(expand_keep(keep_rows, self.model.num_layers, self.model.kv_heads, policy.pruning_mode))
+        return [state.apply(rows)[1] for state, rows in zip(states, keep_rows.cpu().numpy())]
 
     @torch.inference_mode()
     def select_rows(self, rows: list[int]) -> None:
