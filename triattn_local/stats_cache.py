@@ -4,15 +4,43 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
 STATS_FILE_NAME = "triattn_stats.safetensors"
 
 
+def triattn_cache() -> Path:
+    """triattn's own cache ($TRIATTN_CACHE, else ~/.cache/triattn): stats and the records of pulled models."""
+    return Path(os.environ.get("TRIATTN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "triattn"))
+
+
 def cache_dir() -> Path:
-    base = os.environ.get("TRIATTN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "triattn")
-    return Path(base) / "stats"
+    return triattn_cache() / "stats"
+
+
+def revision_stats_path(repo_id: str, commit: str) -> Path:
+    """Stats of a Hub model are keyed by repo and commit: valid on every machine and path that holds that revision."""
+    return cache_dir() / "hub" / repo_id.replace("/", "--") / f"{commit}.safetensors"
+
+
+def hub_snapshot(model_dir: Path) -> tuple[str, str] | None:
+    """(repo_id, commit) when model_dir is a snapshot in the Hugging Face cache (.../models--org--name/snapshots/SHA)."""
+    parts = Path(model_dir).parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
+        return None
+    if not re.fullmatch(r"[0-9a-f]{40}", parts[-1]):
+        return None
+    return parts[-3][len("models--"):].replace("--", "/"), parts[-1]
+
+
+def stats_target(model_dir: Path) -> Path:
+    """Where stats calibrated for this model are cached: by revision for a Hub snapshot, else by path and config."""
+    snapshot = hub_snapshot(model_dir)
+    if snapshot is not None:
+        return revision_stats_path(*snapshot)
+    return cache_dir() / f"{model_key(model_dir)}.safetensors"
 
 
 def model_key(model_dir: Path) -> str:
@@ -28,7 +56,13 @@ def model_key(model_dir: Path) -> str:
 
 
 def find_stats(model_dir: Path) -> Path | None:
-    for candidate in (model_dir / STATS_FILE_NAME, cache_dir() / f"{model_key(model_dir)}.safetensors"):
+    """Stats for a model directory. For a Hub snapshot, stats cached for its revision come first: `triattn pull` only
+    makes them when the repo publishes none (or publishes stats that do not fit the model)."""
+    candidates = [model_dir / STATS_FILE_NAME, cache_dir() / f"{model_key(model_dir)}.safetensors"]
+    snapshot = hub_snapshot(model_dir)
+    if snapshot is not None:
+        candidates.insert(0, revision_stats_path(*snapshot))
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     return None
@@ -50,8 +84,11 @@ def resolve_stats(engine, stats_path: str | None):
         return stats
     from .calibration_text import default_calibration_text
 
-    target = cache_dir() / f"{model_key(model_dir)}.safetensors"
+    target = stats_target(model_dir)
     print(f"no TriAttention stats for {model_dir}: calibrating now (once; cached in {target})", file=sys.stderr)
     stats = engine.calibrate(default_calibration_text(), progress=True)
+    snapshot = hub_snapshot(model_dir)
+    if snapshot is not None:
+        stats = stats.with_meta(model_revision=snapshot[1])
     stats.save(target)
     return stats
