@@ -1,7 +1,15 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# The Triton kernels are tested in Triton's interpreter on a CPU: the mode is fixed when a kernel is defined, so it
+# is set before anything imports them. TRIATTN_TEST_DEVICE=cuda runs the kernel, static-cache, GPU-plan and int4
+# tests compiled on the GPU instead (on the device).
+TEST_DEVICE = os.environ.get("TRIATTN_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -1,6 +1,6 @@
 """The torch form of the budget policy's choice (backends/torch/plan.py) against the core policy.
 
-Run on the CPU here and on the GPU on the device (PLAN_TEST_DEVICE=cuda)."""
+Run on the CPU here and on the GPU on the device (TRIATTN_TEST_DEVICE=cuda)."""
 
 import os
 
@@ -14,7 +14,7 @@ from triattn_local.policy import BudgetPolicy
 from triattn_local.scorer import TriAttentionScorer
 from vectors_io import load_vectors, policy_for
 
-DEVICE = os.environ.get("PLAN_TEST_DEVICE", "cpu")
+DEVICE = os.environ.get("TRIATTN_TEST_DEVICE", "cpu")
 MODES = ["per_layer_head", "per_head", "global"]
 
 

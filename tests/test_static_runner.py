@@ -2,7 +2,7 @@
 
 Same weights, same stats, same policy: the same greedy tokens, the same kept positions in every round, and a cache
 that never holds more than B + N slots. On the device the same tests run with CUDA graphs and Triton kernels
-(STATIC_TEST_DEVICE=cuda)."""
+(TRIATTN_TEST_DEVICE=cuda)."""
 
 import os
 
@@ -17,7 +17,7 @@ from triattn_local.engine import CompressionEvent, CompressionSettings, TokenEve
 from triattn_local.policy import BudgetPolicy
 from triattn_local.sampling import SamplingParams
 
-DEVICE = os.environ.get("STATIC_TEST_DEVICE", "cpu")
+DEVICE = os.environ.get("TRIATTN_TEST_DEVICE", "cpu")
 ARCHS = ["qwen3", "qwen2", "llama"]
 
 

@@ -35,7 +35,7 @@ def cuda_kernel_note(major: int, minor: int) -> str:
     if (major, minor) in TESTED_ARCHITECTURES:
         return f"{name} sm_{major}{minor}: Triton kernels and CUDA-graph decode tested on this architecture"
     return (f"{name} sm_{major}{minor}: Triton kernels are generic (sm_80+) but untested on this architecture; "
-            "check with TRITON_TEST_DEVICE=cuda STATIC_TEST_DEVICE=cuda pytest tests/test_triton_kernels.py "
+            "check with TRIATTN_TEST_DEVICE=cuda pytest tests/test_triton_kernels.py "
             "tests/test_static_runner.py")
 
 

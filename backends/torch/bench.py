@@ -30,6 +30,12 @@ SHAPES = {
                       intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8,
                       head_dim=128, vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=40960,
                       rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "qwen3-32b-int4": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=5120,
+                           intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                           num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1000000.0,
+                           max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                           quantization_config=dict(quant_method="awq", bits=4, group_size=128, version="gemm",
+                                                    zero_point=True)),
     "qwen3-0.6b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=1024,
                        intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                        head_dim=128, vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=40960,
@@ -84,27 +90,64 @@ def random_model(shape: str, device: str, dtype=torch.bfloat16):
     return model.eval()
 
 
+def random_static_model(shape: str, device: str, dtype=torch.bfloat16):
+    """A StaticKVModel of the shape with random weights (int4 AWQ shapes included, which transformers cannot run)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .int4 import AWQLinear
+    from .static_model import StaticKVModel
+
+    cfg = dict(SHAPES[shape])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        rotary_type = type(AutoModelForCausalLM.from_config(config).model.rotary_emb)
+        model = StaticKVModel(config, None)
+    model = model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(dtype)
+        p.data.fill_(1.0) if "norm" in name else p.data.normal_(0, 0.02)
+    for module in model.modules():
+        if isinstance(module, AWQLinear):
+            module.qweight.random_(-2**31, 2**31 - 1)
+            module.qzeros.random_(-2**31, 2**31 - 1)
+            module.scales.fill_(0.002)
+    with torch.device(device):
+        model.rotary = rotary_type(config)
+    if model.cfg.get("tie_word_embeddings"):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a forward reads: parameters and quantized weight buffers (tied tensors once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "rotary" not in n]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
 def _fill(model, batch: int, slots: int) -> None:
     for cache in (model.k_cache, model.v_cache):
         cache[:, :, :, :slots].normal_()
 
 
 @torch.inference_mode()
-def bench_static(hf_model, shape_stats, batch: int, context: int, budget: int | None, divide_length: int,
+def bench_static(base: "StaticKVModel", shape_stats, batch: int, context: int, budget: int | None, divide_length: int,
                  steps: int, bandwidth: float) -> BenchRow:
     """Our decode path: full KV (budget None, capacity context + steps) or TriAttention (capacity B + N)."""
     from ...compression import CompressionState
     from ...policy import BudgetPolicy
     from ...scorer import TriAttentionScorer
-    from .static_model import StaticKVModel
     from .static_runner import StaticRunner
 
-    device = hf_model.lm_head.weight.device
+    device = base.lm_head.weight.device
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model = StaticKVModel.from_hf(hf_model)
+    model = base
     if budget is None:
         capacity, scorer, state = context + steps + 1, None, None
     else:
@@ -122,7 +165,7 @@ def bench_static(hf_model, shape_stats, batch: int, context: int, budget: int | 
         state.positions = np.broadcast_to(np.arange(context - budget, context), (model.num_layers, model.kv_heads,
                                                                                   budget)).copy()
         state._next = context
-    tokens = torch.randint(0, hf_model.config.vocab_size, (batch, 1), device=device)
+    tokens = torch.randint(0, model.cfg["vocab_size"], (batch, 1), device=device)
     position = context
     compress_s = 0.0
     first = None
@@ -150,14 +193,14 @@ def bench_static(hf_model, shape_stats, batch: int, context: int, budget: int | 
     elapsed = time.perf_counter() - t_start
     step = elapsed / (steps - 1)
     kv_bytes = model.k_cache[:, :, :, : runner.length].numel() * model.k_cache.element_size() * 2
-    weight_bytes = sum(p.numel() * p.element_size() for p in hf_model.parameters())
+    weights = weight_bytes(model)
     read_kv = model.k_cache.numel() * model.k_cache.element_size() * 2
-    roofline = (weight_bytes + read_kv) / bandwidth
+    roofline = (weights + read_kv) / bandwidth
     row = BenchRow("full" if budget is None else "triattention", batch, context, budget, step * 1e3, 1 / step,
                    batch / step, torch.cuda.max_memory_allocated() / 2**30, kv_bytes / 2**30,
                    compress_s / elapsed if budget else 0.0, roofline * 1e3, roofline / step, first)
     model.k_cache = model.v_cache = None
-    del runner, model
+    del runner
     return row
 
 
@@ -209,7 +252,14 @@ def run_bench(shape: str, contexts: list[int], batches: list[int], budget: int, 
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gib * 2**30 / total))
     bandwidth = measure_bandwidth(device)
     progress(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    hf_model = random_model(shape, device)
+    quantized = "quantization_config" in SHAPES[shape]
+    hf_model = None if quantized else random_model(shape, device)  # transformers cannot run int4 AWQ by itself
+    if quantized:
+        model = random_static_model(shape, device)
+    else:
+        from .static_model import StaticKVModel
+
+        model = StaticKVModel.from_hf(hf_model)  # the same weight tensors
     mshape = ModelShape.from_hf_config(SHAPES[shape])
     rng = np.random.default_rng(0)
     size = (mshape.num_layers, mshape.num_heads, mshape.head_dim // 2)
@@ -224,11 +274,12 @@ def run_bench(shape: str, contexts: list[int], batches: list[int], budget: int, 
                 started = time.perf_counter()
                 try:
                     if variant == "hf-eager":
-                        row = bench_hf(hf_model, batch, context, hf_steps) if hf_steps else None
+                        row = bench_hf(hf_model, batch, context, hf_steps) if hf_steps and hf_model else None
                     else:
-                        row = bench_static(hf_model, stats, batch, context, budget if variant == "triattention"
+                        row = bench_static(model, stats, batch, context, budget if variant == "triattention"
                                            else None, divide_length, steps, bandwidth)
                 except torch.OutOfMemoryError:
+                    model.k_cache = model.v_cache = None  # a half-made cache must not starve the next row
                     torch.cuda.empty_cache()
                     row = BenchRow(variant, batch, context, budget if variant == "triattention" else None,
                                    *([None] * 9), note="out of memory")

@@ -117,10 +117,58 @@ class StaticKVModel(nn.Module):
         if cfg.get("tie_word_embeddings"):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = rotary  # transformers' own rotary embedding of this architecture
+        quant = cfg.get("quantization_config") or {}
+        if quant:
+            self._quantize_linears(quant)
         attn = self.model.layers[0].self_attn
         self.num_layers, self.kv_heads, self.head_dim = len(self.model.layers), attn.kv_heads, attn.head_dim
         self.k_cache: torch.Tensor | None = None  # [L, B, Hkv, C, D]
         self.v_cache: torch.Tensor | None = None
+
+    def _quantize_linears(self, quant: dict) -> None:
+        """Swap the attention and MLP projections for int4 AWQ layers (embeddings and lm_head stay as they are)."""
+        from .int4 import AWQLinear
+
+        method, bits = str(quant.get("quant_method", "")).lower(), quant.get("bits", 4)
+        if method != "awq" or bits != 4 or str(quant.get("version", "gemm")).lower() != "gemm":
+            raise ValueError(f"unsupported quantization {method} {bits}-bit {quant.get('version')} "
+                             "(supported: AWQ 4-bit GEMM, e.g. Qwen/Qwen3-32B-AWQ)")
+        group = quant.get("group_size", 128)
+        for block in self.model.layers:
+            for parent in (block.self_attn, block.mlp):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(parent, name, AWQLinear(child.in_features, child.out_features, group,
+                                                        bias=child.bias is not None))
+
+    @classmethod
+    def from_pretrained(cls, path, device: str, dtype: torch.dtype) -> "StaticKVModel":
+        """Load a model directory's safetensors straight into this module (int4 AWQ checkpoints included, which
+        transformers itself cannot load without extra packages)."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(path))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+            model = cls(config, None)
+        with torch.device(device):
+            model.rotary = type(skeleton.model.rotary_emb)(config)
+        state = {}
+        for file in sorted(Path(path).glob("*.safetensors")):
+            if file.name != "triattn_stats.safetensors":
+                state.update(load_file(str(file), device=device))
+        state = {k: (v.to(dtype) if v.is_floating_point() and "scales" not in k else v) for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        tied = model.cfg.get("tie_word_embeddings")
+        missing = [m for m in missing if not m.startswith("rotary.") and not (tied and m == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> "StaticKVModel":
