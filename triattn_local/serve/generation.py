@@ -1,0 +1,96 @@
+"""A job's events → what a handler sends: text deltas (parsed into reasoning, content and tool calls for chat, cut
+at stop strings), then a Summary; at the end the session is kept as a conversation and the metrics recorded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..engine import DoneEvent, KVMetrics, TextEvent, TokenEvent
+from .chat_format import OutputParser, StopFilter
+from .conversations import Conversation, Turn, reply_key
+from .errors import APIError
+from .scheduler import Failed, Job, Started
+
+
+@dataclass
+class Summary:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    kv: KVMetrics
+
+
+class Run:
+    """Drives one job for a handler: submits it, turns its events into text deltas (parsed for chat), and at the end
+    keeps the session as a conversation and records metrics. Closing the iteration early cancels the job."""
+
+    def __init__(self, state, job: Job, parser: OutputParser | None):
+        self.state, self.job, self.parser = state, job, parser
+        self.stops = StopFilter(job.params.stop)
+
+    def _text(self, text: str):
+        """Text through the stop filter, then the chat parser: a Delta (chat), a str (completions) or None."""
+        if not text:
+            return None
+        return (self.parser.feed(text) if self.parser else text) or None
+
+    async def events(self):
+        """Yields Delta (chat) or str (completions) items, then one Summary."""
+        state, job, parser = self.state, self.job, self.parser
+        state.scheduler.submit(job)
+        generated: list[int] = []
+        reasoning_tokens, started, finished = 0, Started(0, False), False
+        try:
+            while True:
+                item = await job.queue.get()
+                if isinstance(item, Started):
+                    started = item
+                elif isinstance(item, TokenEvent):
+                    generated.append(item.token_id)
+                    reasoning_tokens += bool(parser and parser.in_reasoning)
+                elif isinstance(item, TextEvent):
+                    out = self._text(self.stops.feed(item.text))
+                    if out:
+                        yield out
+                elif isinstance(item, Failed):
+                    finished = True
+                    raise APIError(500, item.message, type="server_error")
+                elif isinstance(item, DoneEvent):
+                    finished = True
+                    eos = state.engine.eos_token_ids()
+                    full = None  # all the text, when it ended at a stop string (the filter cuts it there)
+                    if item.finish_reason == "stop" and generated and generated[-1] not in eos:
+                        full = state.engine.tokenizer.decode(generated, skip_special_tokens=False)
+                    for out in (self._text(self.stops.finish(full)), parser.finish() if parser else None):
+                        if out:
+                            yield out
+                    yield self._finish(item, generated, reasoning_tokens, started)
+                    return
+        finally:
+            if not finished:
+                job.cancel()
+                state.metrics.cancelled()
+
+    def _finish(self, done: DoneEvent, generated: list[int], reasoning_tokens: int, started: Started) -> Summary:
+        state, job, parser = self.state, self.job, self.parser
+        finish = done.finish_reason
+        if parser and parser.tool_calls and finish == "stop":
+            finish = "tool_calls"
+        rounds = done.metrics.rounds - job.rounds_before
+        state.metrics.finished(len(job.prompt_ids), started.cached, done.generated_tokens, reasoning_tokens,
+                               done.decode_seconds, done.prefill_seconds, rounds, started.reused)
+        if job.session is not None and generated:
+            turn = None
+            if job.turn is not None and parser is not None:
+                reply = reply_key(parser.content, [(c.name, c.arguments) for c in parser.tool_calls])
+                turn = Turn(job.turn.messages + [reply], job.turn.context)
+            eos = state.engine.eos_token_ids()
+            turn_end = next((t for t in reversed(job.prompt_ids) if t in eos), None)
+            ids = job.base_ids + job.feed + generated[:-1]  # the last sampled token is never fed to the model
+            state.store.put(Conversation(job.session, ids, job.prompt_ids, turn, generated[-1:], turn_end,
+                                         done.metrics.kv_bytes))
+            job.session = None
+        return Summary(finish, len(job.prompt_ids), done.generated_tokens, started.cached, reasoning_tokens,
+                       done.metrics)

@@ -1,0 +1,105 @@
+"""`triattn openclaw`: the provider entry OpenClaw needs for a running `triattn serve`, read from the server itself
+(GET /v1/models and /props), so the model id and context window are exactly what the server reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ..errors import UserError
+
+DEFAULT_MAX_TOKENS = 8192  # OpenClaw's own default output cap
+
+
+def _get(url: str, api_key: str | None) -> dict:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            raise UserError(f"{url}: the server wants an API key (--api-key)") from None
+        if e.code == 503:
+            raise UserError(f"{url}: the server is still loading the model; try again shortly") from None
+        raise UserError(f"{url}: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"{url}: no triattn server answers ({reason}); start one with `triattn serve`") from None
+    except ValueError:
+        raise UserError(f"{url}: the answer is not JSON; is this a triattn server?") from None
+
+
+def provider_entry(base: str, api_key: str | None) -> dict:
+    """The models.providers.<id> value: baseUrl, api, and the one model as /v1/models names it."""
+    base = base.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[:-3]
+    models = _get(f"{base}/v1/models", api_key)
+    props = _get(f"{base}/props", api_key)
+    try:
+        model = models["data"][0]
+        context = int(model["context_length"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise UserError(f"{base}/v1/models: no model with a context_length; is this a triattn server?") from None
+    extra = props.get("triattn", {}) if isinstance(props, dict) else {}
+    cap = extra.get("max_tokens") or min(DEFAULT_MAX_TOKENS, context // 2)
+    return {
+        "baseUrl": f"{base}/v1",
+        "apiKey": api_key or "local",
+        "api": "openai-completions",
+        "models": [{
+            "id": model["id"],
+            "name": f"{model['id']} (triattn)",
+            "reasoning": bool(extra.get("reasoning", False)),
+            "input": ["text"],
+            "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
+            "contextWindow": context,
+            "maxTokens": int(cap),
+        }],
+    }
+
+
+def merge(config_path: Path, provider: str, entry: dict) -> Path | None:
+    """Put the entry at models.providers.<provider> of the config file, keeping everything else; returns the
+    backup made of the old file (None when there was no file)."""
+    config: dict = {}
+    backup = None
+    if config_path.exists():
+        text = config_path.read_text()
+        try:
+            config = json.loads(text) if text.strip() else {}
+        except ValueError:
+            raise UserError(f"{config_path} is not plain JSON (comments or JSON5?): add the entry printed by "
+                            "`triattn openclaw` by hand") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path}: expected a JSON object at the top")
+        backup = config_path.with_name(f"{config_path.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.copy2(config_path, backup)
+    models = config.setdefault("models", {})
+    if not isinstance(models, dict) or not isinstance(models.setdefault("providers", {}), dict):
+        raise UserError(f"{config_path}: 'models.providers' is not an object")
+    models["providers"][provider] = entry
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = config_path.with_name(config_path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(config_path)
+    return backup
+
+
+def openclaw_command(url: str, api_key: str | None, provider: str, write: bool, config: str) -> None:
+    entry = provider_entry(url, api_key)
+    model_ref = f"{provider}/{entry['models'][0]['id']}"
+    if not write:
+        print(json.dumps({"models": {"providers": {provider: entry}}}, indent=2, ensure_ascii=False))
+        print(f"merge it into ~/.openclaw/openclaw.json (or run with --write); agents name the model {model_ref}",
+              file=sys.stderr)
+        return
+    path = Path(config).expanduser()
+    backup = merge(path, provider, entry)
+    saved = f" (backup: {backup})" if backup else ""
+    print(f"wrote provider '{provider}' to {path}{saved}; agents name the model {model_ref}", file=sys.stderr)
