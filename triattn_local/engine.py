@@ -287,7 +287,7 @@ class Session:
         sampler = Sampler(params)
         eos = self.engine.eos_token_ids()
         detok = StreamingDetokenizer(self.engine.tokenizer)
-        text = ""
+        text, emitted = "", 0  # text[:emitted] has been yielded
         t0 = time.perf_counter()
         logits = None
         for item in self._feed(list(prompt_ids)):
@@ -314,12 +314,15 @@ class Session:
                 text += delta
                 hit = _find_stop(text, params.stop, len(delta))
                 if hit is not None:
-                    cut = hit - (len(text) - len(delta))
-                    if cut > 0:
-                        yield TextEvent(delta[:cut])
+                    if hit > emitted:
+                        yield TextEvent(text[emitted:hit])
+                    emitted = len(text)  # the stop string itself is never shown
                     finish = "stop"
                     break
-                yield TextEvent(delta)
+                ready = len(text) - _stop_prefix_length(text, params.stop)  # hold back a stop string's beginning
+                if ready > emitted:
+                    yield TextEvent(text[emitted:ready])
+                    emitted = ready
             if generated == params.max_tokens:
                 break
             for item in self._feed([token]):
@@ -327,6 +330,8 @@ class Session:
                     logits = item
                 else:
                     yield item
+        if len(text) > emitted:  # EOS, length or cancel: what was held back was not a stop string after all
+            yield TextEvent(text[emitted:])
         yield DoneEvent(finish, len(prompt_ids), generated, t_prefill, time.perf_counter() - t1, self.metrics())
 
 
@@ -344,6 +349,17 @@ def kv_metrics(engine: Engine, compression: CompressionSettings, state: Compress
         kv_bytes_full=logical * per_token,
         rounds=state.rounds if state else 0,
     )
+
+
+def _stop_prefix_length(text: str, stops: list[str]) -> int:
+    """Length of the longest end of text that is the beginning of a stop string (so it may still become one)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
 
 
 def _find_stop(text: str, stops: list[str], delta_len: int) -> int | None:

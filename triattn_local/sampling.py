@@ -36,8 +36,10 @@ class Sampler:
     def __call__(self, logits: np.ndarray) -> int:
         if self.params.temperature == 0:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / self.params.temperature
-        p = np.exp(z - z.max())
+        z = logits.astype(np.float64)
+        with np.errstate(over="ignore"):  # max first: a tiny temperature gives 0 and -inf, never NaN
+            z = (z - z.max()) / self.params.temperature
+        p = np.exp(z)
         p /= p.sum()
         if self.params.top_p < 1:
             order = np.argsort(-p, kind="stable")
@@ -46,6 +48,6 @@ class Sampler:
             keep = order[:cut]
             p = np.zeros_like(p)
             p[keep] = 1.0
-            p *= np.exp(z - z.max())
+            p *= np.exp(z)
             p /= p.sum()
         return int(self.rng.choice(p.size, p=p))
