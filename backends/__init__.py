@@ -7,7 +7,7 @@ import importlib.util
 from ..errors import UserError
 
 BACKENDS = ("torch", "mlx", "llamacpp")
-IMPLEMENTED = ("torch",)
+IMPLEMENTED = ("torch", "mlx", "llamacpp")
 
 
 def installed(name: str) -> bool:
@@ -25,9 +25,22 @@ def choose_backend(requested: str = "auto") -> tuple[str, str]:
         if not installed(requested):
             raise UserError(f"the {requested} backend is not installed: pip install 'triattn-local[{requested}]'")
         return requested, "asked for with --backend"
+    if apple_silicon() and installed("mlx"):
+        return "mlx", "Apple Silicon with mlx-lm installed"
     if installed("torch"):
-        return "torch", "torch is installed (the only backend implemented so far)"
-    raise UserError("no backend is installed: pip install 'triattn-local[torch]'")
+        return "torch", "torch is installed"
+    if installed("mlx"):
+        return "mlx", "mlx-lm is installed (torch is not)"
+    if installed("llamacpp"):
+        return "llamacpp", "llama-cpp-python is installed (torch is not)"
+    raise UserError("no backend is installed: pip install 'triattn-local[torch]' (or [mlx] on a Mac)")
+
+
+def apple_silicon() -> bool:
+    import platform
+    import sys
+
+    return sys.platform == "darwin" and platform.machine() == "arm64"
 
 
 def load_engine(model: str, backend: str = "auto", device: str = "auto", dtype: str = "auto"):
@@ -35,11 +48,28 @@ def load_engine(model: str, backend: str = "auto", device: str = "auto", dtype: 
     from ..registry import resolve_model
 
     name, _ = choose_backend(backend)
-    path = resolve_model(model)
+    path = resolve_model(model, backend=name)  # a pulled name resolves to this backend's build
+    if backend == "auto" and name != "llamacpp":
+        from .llamacpp import is_gguf_model
+
+        if is_gguf_model(path):  # a GGUF file (or a folder of one) runs on llama.cpp
+            name, _ = choose_backend("llamacpp")
     if name == "torch":
         from .torch.engine import TorchEngine
 
         engine = TorchEngine(str(path), device=device, dtype=dtype)
         engine.model_id = model  # what the user called it: an alias or a path
+        return engine
+    if name == "mlx":
+        from .mlx.engine import MLXEngine
+
+        engine = MLXEngine(str(path), device=device, dtype=dtype)
+        engine.model_id = model
+        return engine
+    if name == "llamacpp":
+        from .llamacpp.engine import LlamaCppEngine
+
+        engine = LlamaCppEngine(str(path), device=device, dtype=dtype)
+        engine.model_id = model
         return engine
     raise UserError(f"backend {name} is not available")

@@ -1,5 +1,7 @@
 """The shared generation loop on a scripted model: stop strings are never shown, not even their beginning."""
 
+from types import SimpleNamespace
+
 import numpy as np
 
 from triattn_local.engine import DoneEvent, Engine, SequenceRunner, TextEvent
@@ -34,7 +36,7 @@ class ScriptedRunner:
 
 class ScriptedEngine(Engine):
     backend = "scripted"
-    shape = None
+    shape = SimpleNamespace(num_layers=1, num_heads=4, num_kv_heads=2)
     kv_bytes_per_token = 0
     context_length = 4096
 
@@ -74,3 +76,18 @@ def test_a_tiny_temperature_samples_like_greedy():
     logits = np.array([0.0, 3.0, 2.999, -1.0], dtype=np.float32)
     sampler = Sampler(SamplingParams(temperature=2e-308, seed=0))
     assert [sampler(logits) for _ in range(5)] == [1] * 5
+
+
+def test_auto_pruning_mode_is_what_the_backend_can_do():
+    from triattn_local.engine import CompressionSettings
+    from triattn_local.policy import BudgetPolicy
+
+    class GlobalOnly(ScriptedEngine):
+        pruning_modes = ("global",)
+
+    engine = ScriptedEngine("x")
+    assert engine.default_pruning_mode() == "per_head" and GlobalOnly("x").default_pruning_mode() == "global"
+    policy = BudgetPolicy(64, 16, 8, 2, pruning_mode="auto")
+    settings = CompressionSettings(policy=policy, method="streaming")
+    assert GlobalOnly("x").session(settings).compression.policy.pruning_mode == "global"
+    assert policy.pruning_mode == "auto"  # the caller's settings are left as they were

@@ -46,27 +46,31 @@ async def type_and_send(pilot, app, text):
     await pilot.press("enter")
 
 
-def test_send_streams_the_reply_as_it_is_generated(make_app, engine):
-    app = make_app(max_tokens=48, budget=None)
+def test_send_streams_the_reply_as_it_is_generated(make_app, engine, monkeypatch):
+    from triattn_local.tui.messages import AssistantMessage
+
+    app = make_app(max_tokens=150, budget=None)  # long enough to span several 50 ms UI batches on a fast CPU
+    views = []  # what the reply view showed after each streamed update
+    add = AssistantMessage.add
+
+    async def watched_add(self, thinking, answer):
+        await add(self, thinking, answer)
+        views.append(self.thinking)
+
+    monkeypatch.setattr(AssistantMessage, "add", watched_add)
 
     async def scenario():
         async with app.run_test(size=(100, 30)) as pilot:
             await pilot.pause()
             await type_and_send(pilot, app, PROBLEM)
             assert app.query_one(ChatInput).text == ""
-            seen = set()
-            while app.busy:
-                if app.reply_view.thinking:
-                    seen.add(app.reply_view.thinking)
-                await pilot.pause(0.01)
             await wait_idle(pilot, app)
-            return seen
 
-    seen = asyncio.run(scenario())
+    asyncio.run(scenario())
     reply = app.conversation.messages[-1]
     assert reply.role == "assistant" and reply.finish == "length"
-    assert len(seen) >= 2, "the reply should appear in pieces while it is generated"
-    assert all(app.reply_view.thinking.startswith(s) for s in seen)  # each view was a prefix of the reply
+    assert len(views) >= 2, "the reply should appear in pieces while it is generated"
+    assert all(app.reply_view.thinking.startswith(v) for v in views)  # each view was a prefix of the reply
     # The screen got exactly what the engine generates for this prompt (greedy, same model).
     session = engine.session()
     direct = "".join(e.text for e in session.generate(engine.encode_prompt(PROBLEM), app.config.sampling())

@@ -40,7 +40,7 @@ def run(
     window: int = typer.Option(128, help="Most recent tokens always kept.", rich_help_panel=POLICY_HELP),
     sink: int = typer.Option(4, "--sink", help="First tokens always kept (attention sinks).", rich_help_panel=POLICY_HELP),
     protect_prefill: bool = typer.Option(False, "--protect-prefill/--no-protect-prefill", help="Keep the whole prompt while it fits the budget.", rich_help_panel=POLICY_HELP),
-    pruning_mode: str = typer.Option("per_head", help="per_layer_head | per_head | global.", rich_help_panel=POLICY_HELP),
+    pruning_mode: str = typer.Option("auto", help="auto (per_head; global on llama.cpp) | per_layer_head | per_head | global.", rich_help_panel=POLICY_HELP),
     stats: Optional[str] = typer.Option(None, help="Stats file (default: next to the model, in the cache, or calibrated now).", rich_help_panel=POLICY_HELP),
     max_tokens: int = typer.Option(4096, help="Most tokens to generate.", rich_help_panel=SAMPLING_HELP),
     temperature: float = typer.Option(0.6, help="0 is greedy.", rich_help_panel=SAMPLING_HELP),
@@ -48,7 +48,7 @@ def run(
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling.", rich_help_panel=SAMPLING_HELP),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16."),
+    dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16 (llamacpp: the KV cache type, also q8_0)."),
     backend: str = typer.Option("auto", help="auto | torch | mlx | llamacpp."),
     kv_trace: Optional[str] = typer.Option(None, "--kv-trace", help="Write kept positions of every round as JSON lines."),
 ):
@@ -57,6 +57,35 @@ def run(
     from .run import run_command
 
     run_command(**options)
+
+
+@app.command()
+def chat(
+    model: Optional[str] = typer.Argument(None, help="Model: `demo` (the default) or a directory (Hugging Face format)."),
+    resume: bool = typer.Option(False, "--resume", help="Reopen the most recent conversation."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    no_compress: bool = typer.Option(False, "--no-compress", help="Full attention: no KV compression."),
+    method: str = typer.Option("triattention", help="triattention | snapkv | rkv | streaming | h2o.", rich_help_panel=POLICY_HELP),
+    budget: Optional[int] = typer.Option(None, help="KV tokens kept per layer and head [default: 2048, or what the resumed conversation used].", rich_help_panel=POLICY_HELP),
+    divide_length: int = typer.Option(128, help="Compress every N tokens (the cache peaks at budget + N).", rich_help_panel=POLICY_HELP),
+    window: int = typer.Option(128, help="Most recent tokens always kept.", rich_help_panel=POLICY_HELP),
+    sink: int = typer.Option(4, "--sink", help="First tokens always kept (attention sinks).", rich_help_panel=POLICY_HELP),
+    protect_prefill: bool = typer.Option(False, "--protect-prefill/--no-protect-prefill", help="Keep the whole prompt while it fits the budget.", rich_help_panel=POLICY_HELP),
+    pruning_mode: str = typer.Option("auto", help="auto (per_head; global on llama.cpp) | per_layer_head | per_head | global.", rich_help_panel=POLICY_HELP),
+    stats: Optional[str] = typer.Option(None, help="Stats file (default: next to the model, in the cache, or calibrated now).", rich_help_panel=POLICY_HELP),
+    max_tokens: int = typer.Option(4096, help="Most tokens per reply.", rich_help_panel=SAMPLING_HELP),
+    temperature: float = typer.Option(0.6, help="0 is greedy.", rich_help_panel=SAMPLING_HELP),
+    top_p: float = typer.Option(0.95, help="Nucleus sampling mass.", rich_help_panel=SAMPLING_HELP),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling.", rich_help_panel=SAMPLING_HELP),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16."),
+    backend: str = typer.Option("auto", help="auto | torch | mlx | llamacpp."),
+):
+    """Chat in the terminal and watch what the KV cache keeps (conversations are saved; --resume reopens)."""
+    options = dict(locals())
+    from .tui.main import run_chat
+
+    run_chat(**options)
 
 
 @app.command()
@@ -79,6 +108,23 @@ def calibrate(
     result.save(output)
     print(f"wrote {output}: {result.meta.calibration_tokens} tokens, "
           f"{result.meta.num_layers} layers x {result.meta.num_heads} heads", file=sys.stderr)
+
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="Model: `demo` or a directory (Hugging Face format)."),
+    to: str = typer.Option("gguf", "--to", help="Target format: gguf (for --backend llamacpp)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output directory [default: ./NAME-gguf]."),
+    outtype: str = typer.Option("auto", help="Weights: auto | f32 | f16 | bf16 | q8_0."),
+    converter: Optional[str] = typer.Option(None, help="A llama.cpp checkout to take convert_hf_to_gguf.py from [default: $TRIATTN_LLAMA_CPP, else the installed llama-cpp-python's source]."),
+):
+    """Convert a Hugging Face model to GGUF (model.gguf + its stats) for the llamacpp backend."""
+    from .convert import convert_to_gguf
+    from .errors import UserError
+
+    if to != "gguf":
+        raise UserError(f"unknown --to {to!r} (only gguf)")
+    convert_to_gguf(model, output, outtype=outtype, converter=converter)
 
 
 @stats_app.command("show")
@@ -183,6 +229,104 @@ def eval_command(
 
 
 @app.command()
+def serve(
+    model: str = typer.Argument("demo", help="Model: `demo` (the default) or a directory (Hugging Face format)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 exposes the server to the network)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TRIATTN_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health."),
+    served_model_name: Optional[str] = typer.Option(None, help="Model id in /v1/models [default: the alias or the directory name]."),
+    no_compress: bool = typer.Option(False, "--no-compress", help="Full attention: no KV compression."),
+    method: str = typer.Option("triattention", help="triattention | snapkv | rkv | streaming | h2o (the baselines need no stats).", rich_help_panel=POLICY_HELP),
+    budget: int = typer.Option(2048, help="KV tokens kept per layer and head after each round.", rich_help_panel=POLICY_HELP),
+    divide_length: int = typer.Option(128, help="Compress every N tokens (the cache peaks at budget + N).", rich_help_panel=POLICY_HELP),
+    window: int = typer.Option(128, help="Most recent tokens always kept.", rich_help_panel=POLICY_HELP),
+    sink: int = typer.Option(4, "--sink", help="First tokens always kept (attention sinks).", rich_help_panel=POLICY_HELP),
+    protect_prefill: bool = typer.Option(False, "--protect-prefill/--no-protect-prefill", help="Keep the whole prompt while it fits the budget.", rich_help_panel=POLICY_HELP),
+    pruning_mode: str = typer.Option("auto", help="auto (per_head; global on llama.cpp) | per_layer_head | per_head | global.", rich_help_panel=POLICY_HELP),
+    stats: Optional[str] = typer.Option(None, help="Stats file (default: next to the model, in the cache, or calibrated now).", rich_help_panel=POLICY_HELP),
+    max_tokens: Optional[int] = typer.Option(None, help="Cap on every request's output tokens [default: the room left in the context].", rich_help_panel=SAMPLING_HELP),
+    temperature: float = typer.Option(0.6, help="Default when a request sets none (0 is greedy).", rich_help_panel=SAMPLING_HELP),
+    top_p: float = typer.Option(0.95, help="Default when a request sets none.", rich_help_panel=SAMPLING_HELP),
+    parallel: int = typer.Option(8, help="Requests generating at once (the others wait in line)."),
+    max_conversations: int = typer.Option(16, help="Finished conversations kept for reuse (0: none)."),
+    conversation_memory: int = typer.Option(4096, help="MiB of KV cache kept conversations may hold."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16."),
+    backend: str = typer.Option("auto", help="auto | torch | mlx | llamacpp."),
+    log_level: str = typer.Option("warning", help="uvicorn log level (info shows every request)."),
+):
+    """Serve MODEL over the OpenAI API (chat and text completions), the KV cache of every request held to the budget."""
+    options = dict(locals())
+    from .serve.server import serve_command
+
+    serve_command(**options)
+
+
+@app.command()
+def openclaw(
+    url: str = typer.Option("http://127.0.0.1:8000", help="The running `triattn serve`."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TRIATTN_API_KEY", help="The server's --api-key, if it has one."),
+    provider: str = typer.Option("triattn", help="Provider id in OpenClaw (agents name the model PROVIDER/MODEL)."),
+    write: bool = typer.Option(False, "--write", help="Merge the entry into the config file (after a backup)."),
+    config: str = typer.Option("~/.openclaw/openclaw.json", help="OpenClaw's config file."),
+):
+    """Print the OpenClaw provider entry for a running `triattn serve` (or merge it into OpenClaw's config)."""
+    from .serve.openclaw import openclaw_command
+
+    openclaw_command(url=url, api_key=api_key, provider=provider, write=write, config=config)
+
+
+@app.command()
+def bench(
+    shape: str = typer.Option("qwen3-8b", help="Model shape on random weights: qwen3-0.6b | qwen3-8b | qwen3-32b."),
+    context: str = typer.Option("4096,32768", help="Comma-separated context lengths."),
+    budget: int = typer.Option(2048, help="TriAttention KV budget."),
+    divide_length: int = typer.Option(128, help="Compress every N tokens."),
+    batch: str = typer.Option("1,8,16", help="Comma-separated batch sizes."),
+    steps: int = typer.Option(257, help="Decode steps timed per configuration (rounds included)."),
+    hf_steps: int = typer.Option(12, help="Steps for the transformers baseline (0 skips it)."),
+    memory_gib: Optional[float] = typer.Option(None, help="Cap GPU memory (e.g. 24 to emulate an RTX 4090)."),
+    out: str = typer.Option("results/bench", help="Folder for bench.json and bench.png."),
+    plot_only: bool = typer.Option(False, "--plot-only", help="Only redraw OUT/bench.png from OUT/bench.json."),
+):
+    """Decode tok/s, step time, memory and roofline share on a CUDA GPU: full KV vs TriAttention vs transformers."""
+    from pathlib import Path
+
+    from .errors import UserError
+
+    folder = Path(out)
+    if not plot_only:
+        try:
+            contexts = [int(c) for c in context.split(",") if c.strip()]
+            batches = [int(b) for b in batch.split(",") if b.strip()]
+        except ValueError:
+            raise UserError("--context and --batch take comma-separated integers") from None
+        from .backends.torch.bench import SHAPES
+
+        if shape not in SHAPES:
+            raise UserError(f"unknown shape {shape!r} (choose from {', '.join(SHAPES)})")
+        if min(contexts + batches) < 1 or steps < 2 or budget < 1:
+            raise UserError("--context, --batch and --budget must be positive and --steps at least 2")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("triattn bench measures a CUDA GPU, and torch sees none here")
+        from .backends.torch.bench import run_bench
+
+        run_bench(shape, contexts, batches, budget, divide_length, steps, hf_steps, memory_gib, folder,
+                  progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if not (folder / "bench.json").is_file():
+        raise UserError(f"{folder / 'bench.json'}: no results to plot")
+    try:
+        from .backends.torch.bench import plot
+
+        plot(folder / "bench.json", folder / "bench.png")
+        print(f"wrote {folder / 'bench.png'}", file=sys.stderr)
+    except ImportError:
+        print("note: the plot needs matplotlib", file=sys.stderr)
+
+
+@app.command()
 def doctor():
     """Hardware, installed backends, and which backend --backend auto picks."""
     from rich.console import Console
@@ -213,6 +357,63 @@ def doctor():
         console.print(f"--backend auto picks [bold]{chosen}[/bold]: {why}")
     except UserError as e:
         console.print(f"--backend auto: {e}")
+
+
+@app.command()
+def pull(
+    model: str = typer.Argument(..., help="A name (qwen3-8b, qwen3-8b:q4; see `triattn list --available`), a Hugging Face repo org/name, or a local directory."),
+    backend: str = typer.Option("auto", help="auto | torch | mlx | llamacpp: whose build to fetch."),
+    force: bool = typer.Option(False, "--force", help="Download every file again (repairs a damaged cache)."),
+    budget: int = typer.Option(2048, help="KV budget the memory estimate assumes."),
+    divide_length: int = typer.Option(128, help="Compression interval the memory estimate assumes."),
+    calibration_tokens: Optional[int] = typer.Option(None, help="Calibrate on at most this many tokens of the shipped text (default: all of it)."),
+):
+    """Download a model into the Hugging Face cache, check it, and make its TriAttention stats: ready to run."""
+    from .errors import UserError
+    from .pull import pull_model
+
+    if budget < 1 or divide_length < 1:
+        raise UserError("--budget and --divide-length must be at least 1")
+    if calibration_tokens is not None and calibration_tokens < 1:
+        raise UserError("--calibration-tokens must be at least 1")
+    pull_model(model, backend=backend, force=force, budget=budget, divide_length=divide_length,
+               calibration_tokens=calibration_tokens)
+
+
+@app.command("list")
+def list_command(
+    available: bool = typer.Option(False, "--available", help="Every name triattn knows, with the repo each backend pulls."),
+):
+    """Pulled models: name, backend, size, whether stats are ready, and where the files are."""
+    from .models import list_models
+
+    list_models(available=available)
+
+
+@app.command()
+def show(
+    model: str = typer.Argument(..., help="A pulled name or repo, `demo`, or a model directory."),
+    backend: str = typer.Option("auto", help="auto | torch | mlx | llamacpp: whose build to describe."),
+    budget: int = typer.Option(2048, help="KV budget for the memory line."),
+):
+    """Architecture, context length, quantization, KV memory and a stats summary of a model."""
+    from .backends import choose_backend
+    from .models import show_model
+
+    show_model(model, choose_backend(backend)[0], budget=budget)
+
+
+@app.command()
+def rm(
+    model: str = typer.Argument(..., help="A pulled name or repo (see `triattn list`)."),
+    backend: str = typer.Option("auto", help="auto | torch | mlx | llamacpp: whose build to remove."),
+):
+    """Remove a pulled model: its record, its files in the Hugging Face cache (unless another name uses them) and
+    its cached stats."""
+    from .backends import choose_backend
+    from .models import remove_model
+
+    print(remove_model(model, choose_backend(backend)[0]), file=sys.stderr)
 
 
 def main() -> None:

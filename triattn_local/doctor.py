@@ -72,4 +72,10 @@ def hardware() -> list[tuple[str, str]]:
             rows.append(("mlx", f"default device {mx.default_device()}"))
         except ImportError as e:  # e.g. mlx without its [cpu] or [cuda] extra on Linux
             rows.append(("mlx", f"installed but not importable ({e}); on Linux: pip install 'mlx[cpu]'"))
+    if importlib.util.find_spec("llama_cpp") is not None:  # which llama.cpp build: GPU offload or CPU only
+        import llama_cpp
+
+        gpu = llama_cpp.llama_supports_gpu_offload()
+        rows.append(("llama.cpp", "GPU offload build (HIP, CUDA, Metal or Vulkan)" if gpu else
+                     "CPU build (rebuild with CMAKE_ARGS=\"-DGGML_HIP=on\" or -DGGML_CUDA=on for a GPU)"))
     return rows

@@ -10,6 +10,7 @@ SequenceRunner), batch.generate_batch many prompts of one length at once.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -20,7 +21,7 @@ import numpy as np
 
 from .compression import CompressionState, RoundRecord
 from .methods import DEFAULT_METHOD, DEFAULT_OBS_WINDOW, KeyScorer, check_method, make_scorer
-from .policy import BudgetPolicy
+from .policy import AUTO, PRUNING_MODES, BudgetPolicy
 from .rope import ModelShape
 from .sampling import Sampler, SamplingParams
 from .scorer import DEFAULT_MAX_OFFSET
@@ -160,6 +161,11 @@ class Engine(ABC):
     tokenizer: object  # Hugging Face-style: encode, decode, apply_chat_template, eos_token_id
     kv_bytes_per_token: int  # K+V bytes of one token over all layers and KV heads
     context_length: int  # logical context the model supports
+    pruning_modes: tuple[str, ...] = PRUNING_MODES  # what this backend's cache can do
+
+    def default_pruning_mode(self) -> str:
+        """What --pruning-mode auto means here: per_head where the backend can, else its one mode."""
+        return "per_head" if "per_head" in self.pruning_modes else self.pruning_modes[0]
 
     @abstractmethod
     def new_runner(self, scorer: KeyScorer | None = None) -> ModelRunner:
@@ -225,6 +231,9 @@ class Session:
     """One conversation's cache in one engine. generate() continues from whatever the cache already holds."""
 
     def __init__(self, engine: Engine, compression: CompressionSettings):
+        if compression.enabled and compression.policy.pruning_mode == AUTO:
+            policy = dataclasses.replace(compression.policy, pruning_mode=engine.default_pruning_mode())
+            compression = dataclasses.replace(compression, policy=policy)
         self.engine = engine
         self.compression = compression
         self._cancel = threading.Event()

@@ -21,6 +21,7 @@ import numpy as np
 from .errors import UserError
 
 PRUNING_MODES = ("per_layer_head", "per_head", "global")
+AUTO = "auto"  # the backend's preferred mode (per_head; global on llama.cpp), resolved when a Session starts
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,8 @@ class BudgetPolicy:
     pruning_mode: str = "per_head"
 
     def __post_init__(self):
-        if self.pruning_mode not in PRUNING_MODES:
-            raise UserError(f"unknown pruning mode {self.pruning_mode!r} (choose from {', '.join(PRUNING_MODES)})")
+        if self.pruning_mode not in PRUNING_MODES + (AUTO,):
+            raise UserError(f"unknown pruning mode {self.pruning_mode!r} (choose from {AUTO}, {', '.join(PRUNING_MODES)})")
         if self.divide_length < 1:
             raise UserError(f"divide length must be at least 1 (got {self.divide_length})")
         if self.window < 0 or self.sinks < 0:

@@ -23,7 +23,7 @@ class ChatConfig:
     window: int = 128
     sink: int = 4
     protect_prefill: bool = False
-    pruning_mode: str = "per_head"
+    pruning_mode: str = "auto"  # per_head, or what the backend can do (global on llama.cpp)
     stats: str | None = None  # stats file; None: next to the model, cached, or calibrated once
     max_tokens: int = 4096
     temperature: float = 0.6
