@@ -48,7 +48,12 @@ def load_engine(model: str, backend: str = "auto", device: str = "auto", dtype: 
     from ..registry import resolve_model
 
     name, _ = choose_backend(backend)
-    path = resolve_model(model, backend=name)  # a pulled name resolves to this backend's build
+    try:
+        path = resolve_model(model, backend=name)  # a pulled name resolves to this backend's build
+    except UserError:
+        if backend != "auto":
+            raise
+        name, path = _pulled_for_another_backend(model, name)  # e.g. only its GGUF build was pulled
     if backend == "auto" and name != "llamacpp":
         from .llamacpp import is_gguf_model
 
@@ -73,3 +78,16 @@ def load_engine(model: str, backend: str = "auto", device: str = "auto", dtype: 
         engine.model_id = model
         return engine
     raise UserError(f"backend {name} is not available")
+
+
+def _pulled_for_another_backend(model: str, tried: str):
+    """(backend, path) of another installed backend that has this name pulled; else the first backend's error."""
+    from ..registry import resolve_model
+
+    for other in IMPLEMENTED:
+        if other != tried and installed(other):
+            try:
+                return other, resolve_model(model, backend=other)
+            except UserError:
+                continue
+    return tried, resolve_model(model, backend=tried)  # raises the error a user of the default backend should see

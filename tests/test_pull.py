@@ -27,6 +27,9 @@ REGISTRY = {
     "models": {
         "tiny": {"description": "tiny test model", "default": {"torch": "f32"},
                  "tags": {"f32": {"torch": {"repo": TINY, "quant": "f32"}}}},
+        "demo-gguf": {"description": "the demo model as a GGUF", "default": {"llamacpp": "q8"},
+                      "tags": {"q8": {"llamacpp": {"repo": "triattn-test/demo-GGUF", "file": "demo-Q8_0.gguf",
+                                                   "quant": "q8_0"}}}},
         "tiny-bare": {"description": "tiny test model without stats", "default": {"torch": "f32", "mlx": "f32"},
                       "tags": {"f32": {"torch": {"repo": BARE, "quant": "f32"}, "mlx": {"repo": BARE, "quant": "f32"}}}},
     },
@@ -194,7 +197,7 @@ def test_pull_calibrates_then_run_works_offline(env, hub, backend):
     from triattn_local.backends import installed
 
     if backend == "llamacpp":
-        pytest.skip("llama.cpp runs GGUF files: the registry pulls GGUF builds, the fake Hub serves safetensors")
+        pytest.skip("llama.cpp runs GGUF files: test_pull_a_gguf_then_run_it_on_llamacpp")
     if not installed(backend):
         pytest.skip(f"the {backend} backend is not installed")
     r = env.subprocess("pull", "tiny-bare", "--calibration-tokens", "300", "--backend", backend)
@@ -214,6 +217,42 @@ def test_pull_calibrates_then_run_works_offline(env, hub, backend):
     assert run.returncode == 0, run.stderr
     assert "calibrating" not in run.stderr and "tok/s" in run.stderr.splitlines()[-1]
     assert len(hub.log) == requests_before  # nothing asked of the Hub
+
+
+@pytest.fixture(scope="module")
+def demo_gguf_bytes(tmp_path_factory):
+    """The demo model converted by `triattn convert` (q8_0 weights), as a GGUF repo would publish it."""
+    out = tmp_path_factory.mktemp("demo-gguf")
+    r = subprocess.run(CLI + ["convert", "demo", "--to", "gguf", "-o", str(out), "--outtype", "q8_0"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return (out / "model.gguf").read_bytes()
+
+
+def test_pull_a_gguf_then_run_it_on_llamacpp(env, hub, demo_gguf_bytes):
+    """llama.cpp's end to end: pull the GGUF build of a name (stats calibrated through llama.cpp at pull time), then
+    run it with the network off: the demo solves a problem."""
+    import random
+
+    from triattn_local.backends import installed
+    from triattn_local.demo.task import make_problem
+
+    if not installed("llamacpp"):
+        pytest.skip("the llamacpp backend is not installed")
+    hub.add_repo("triattn-test/demo-GGUF", {"demo-Q8_0.gguf": demo_gguf_bytes, "README.md": b"demo"})
+    r = env.subprocess("pull", "demo-gguf", "--calibration-tokens", "300", "--backend", "llamacpp")
+    assert r.returncode == 0, r.stderr
+    assert "calibrating through llama.cpp" in r.stderr and "stats: calibrated here on 300 tokens" in r.stderr
+    assert [g.path.rsplit("/", 1)[-1] for g in gets(hub, "demo-Q8_0.gguf")] == ["demo-Q8_0.gguf"]
+    assert not gets(hub, "README.md")  # only the chosen file is downloaded
+    listed = env.subprocess("list")
+    assert "demo-gguf" in listed.stdout and "llamacpp" in listed.stdout
+    problem = make_problem(random.Random(2), steps=50)
+    run = env.subprocess("run", "demo-gguf", problem.prompt, "--temperature", "0", "--budget", "736",
+                         "--divide-length", "32", "--window", "320", HF_HUB_OFFLINE="1",
+                         HF_ENDPOINT="http://127.0.0.1:9")
+    assert run.returncode == 0, run.stderr
+    assert "calibrating" not in run.stderr and f"The final value is {problem.answer}." in run.stdout
 
 
 def test_dropped_connection_is_resumed_with_a_range_request(env, hub, tiny_model_factory, published_stats):

@@ -98,8 +98,10 @@ def pull_model(name: str, backend: str = "auto", force: bool = False, budget: in
                                      calibration_tokens, fits=fits)
         record.stats, record.stats_source = (str(stats) if stats else None), source
         console.print(f"stats: {source}" + (f" ({stats})" if stats else ""))
-    else:  # a GGUF file: the llama.cpp backend measures its stats on first run (there is no config.json to check)
-        console.print("stats: made by the llama.cpp backend when the model first runs (once, then cached)")
+    else:  # a GGUF file: no config.json, so the llama.cpp engine reads the shape and calibrates
+        stats, source = ensure_gguf_stats(snapshot / artifact.file, console, calibration_tokens, fits=fits)
+        record.stats, record.stats_source = (str(stats) if stats else None), source
+        console.print(f"stats: {source}" + (f" ({stats})" if stats else ""))
     save_record(record)
     console.print(f"ready: triattn run {name}")
 
@@ -493,5 +495,35 @@ def ensure_stats(model_dir: Path, repo: str | None, commit: str | None, backend:
     stats = engine.calibrate(default_calibration_text(), progress=True, max_tokens=calibration_tokens)
     if commit:
         stats = stats.with_meta(model_revision=commit)
+    stats.save(target)
+    return target, f"calibrated here on {stats.meta.calibration_tokens} tokens"
+
+
+def ensure_gguf_stats(gguf: Path, console, calibration_tokens: int | None, fits: bool | None = None):
+    """(stats path, where they came from) for a pulled GGUF file: cached for its revision (or beside it), else
+    calibrated now through llama.cpp, so that `triattn run` finds them."""
+    from .backends import load_engine
+    from .stats.format import QueryStats
+    from .stats_cache import find_stats, hub_snapshot, stats_target
+
+    if fits is False:
+        return None, "not made: the model does not fit in memory here (made on first run where it fits)"
+    engine = load_engine(str(gguf), backend="llamacpp")
+    model_dir = Path(engine.model_path)
+    found = find_stats(model_dir)
+    if found is not None:
+        try:
+            QueryStats.load(found).check_matches(engine.shape, where=f"stats {found}")
+            return found, "cached for this revision"
+        except UserError as e:
+            console.print(f"[yellow]{e}: calibrating again[/yellow]")
+    from .calibration_text import default_calibration_text
+
+    target = stats_target(model_dir)
+    console.print(f"no TriAttention stats: calibrating through llama.cpp on this machine (once; cached in {target})")
+    stats = engine.calibrate(default_calibration_text(), progress=True, max_tokens=calibration_tokens)
+    snapshot = hub_snapshot(model_dir)
+    if snapshot is not None:
+        stats = stats.with_meta(model_revision=snapshot[1])
     stats.save(target)
     return target, f"calibrated here on {stats.meta.calibration_tokens} tokens"

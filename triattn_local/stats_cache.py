@@ -26,8 +26,12 @@ def revision_stats_path(repo_id: str, commit: str) -> Path:
 
 
 def hub_snapshot(model_dir: Path) -> tuple[str, str] | None:
-    """(repo_id, commit) when model_dir is a snapshot in the Hugging Face cache (.../models--org--name/snapshots/SHA)."""
-    parts = Path(model_dir).parts
+    """(repo_id, commit) when model_dir is a snapshot in the Hugging Face cache (.../models--org--name/snapshots/SHA),
+    or a file directly in one (a GGUF: the repo's quantizations of one model share its stats)."""
+    path = Path(model_dir)
+    if path.suffix == ".gguf":
+        path = path.parent
+    parts = path.parts
     if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
         return None
     if not re.fullmatch(r"[0-9a-f]{40}", parts[-1]):
