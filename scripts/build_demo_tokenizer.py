@@ -16,8 +16,10 @@ import tempfile
 from pathlib import Path
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# A user turn always ends in a newline, as the training prompts do: `triattn run demo "$(…)"` drops the last one.
 CHAT_TEMPLATE = (
-    "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor -%}"
+    "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{%- if m['role'] == 'user' and not m['content'].endswith('\n') %}{{ '\\n' }}{% endif %}<|im_end|>\n{% endfor -%}"
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif -%}"
 )
 

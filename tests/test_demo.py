@@ -73,8 +73,11 @@ def test_accuracy_smoke_full_and_triattention_agree():
 
 
 def test_run_demo_from_the_command_line():
+    """As a user types it: `triattn run demo "$(python -m triattn_local.demo.task …)"`, which drops the problem's
+    last newline (the chat template puts it back)."""
     p = make_problem(random.Random(5), steps=50)
-    r = subprocess.run([sys.executable, "-m", "triattn_local.cli", "run", "demo", p.prompt, "--temperature", "0"],
+    r = subprocess.run([sys.executable, "-m", "triattn_local.cli", "run", "demo", p.prompt.rstrip("\n"),
+                        "--temperature", "0"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "<think>" in r.stdout and f"The final value is {p.answer}." in r.stdout

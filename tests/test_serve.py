@@ -90,9 +90,9 @@ def test_second_turn_continues_the_first_turns_cache(server):
                  {"role": "user", "content": "Again, please."}]
     second = client.chat.completions.create(model="demo", messages=messages, temperature=0, max_tokens=5)
     cached = second.usage.prompt_tokens_details.cached_tokens
-    # only the new turn was prefilled: <|im_end|>\n<|im_start|>user\nAgain, please.<|im_end|>\n<|im_start|>assistant\n
-    # (one token a character, special tokens one each)
-    new_turn = 4 + len("\nuser\nAgain, please.") + len("\nassistant\n")
+    # only the new turn was prefilled: <|im_end|>\n<|im_start|>user\nAgain, please.\n<|im_end|>\n<|im_start|>assistant\n
+    # (one token a character, special tokens one each; the demo's template ends a user turn with a newline)
+    new_turn = 4 + len("\nuser\nAgain, please.\n") + len("\nassistant\n")
     assert second.usage.prompt_tokens - cached == new_turn
     assert cached >= 0.9 * second.usage.prompt_tokens
     # the cache still holds the first turn's reasoning: its logical length runs ahead of the prompt
@@ -146,7 +146,7 @@ def test_prompt_over_the_context_is_a_400_openclaw_compacts_on(server):
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
     message = error["message"]
     assert "maximum context length is 8192 tokens" in message
-    assert f"requested {9000 + 19 + 100} tokens" in message
+    assert f"requested {9000 + 20 + 100} tokens" in message  # the template's 20 tokens around the message
 
 
 def test_errors_are_openai_shaped(server):
