@@ -20,11 +20,8 @@ from triattn_local.rope import ModelShape, to_complex_pairs
 from triattn_local.stats.format import QueryStats
 
 pytest.importorskip("transformers")
-from triattn_local.backends.torch.calibrate import (  # noqa: E402
-    SOURCE,
-    calibrate,
-    calibration_token_ids,
-)
+from triattn_local.backends.torch.calibrate import SOURCE, calibrate  # noqa: E402
+from triattn_local.calibration import calibration_token_ids  # noqa: E402
 from triattn_local.calibration_text import default_calibration_text, load_calibration_text  # noqa: E402
 
 N_TOKENS = 600

@@ -11,16 +11,15 @@ are the same as the HF model's.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import re
 import sys
-from contextlib import contextmanager
 
 import llama_cpp as lc
 import numpy as np
 
 from ...errors import UserError
-from ...stats.format import QueryStats, meta_for_model
+from ...calibration import calibration_progress, stats_from_sums
+from ...stats.format import QueryStats
 from .kvstate import adjacent_to_half
 
 SOURCE = "triattn calibrate (llama.cpp)"
@@ -123,7 +122,7 @@ def calibrate(engine, text: str, progress: bool = True, max_tokens: int | None =
         raise UserError("calibration text has no tokens")
     capture = QueryCapture(shape.num_layers, shape.num_heads, shape.head_dim, engine.adjacent_pairs)
     runner = LlamaCppRunner(engine, None, n_ctx=n, cb_eval=capture.callback)
-    with _progress(progress, n) as advance:
+    with calibration_progress(progress and sys.stderr.isatty(), n) as advance:
         for start in range(0, n, chunk_tokens):
             chunk = ids[start:start + chunk_tokens]
             runner.forward([chunk], start)
@@ -134,25 +133,5 @@ def calibrate(engine, text: str, progress: bool = True, max_tokens: int | None =
     bad = [i for i, count in enumerate(capture.tokens) if count != n]
     if bad:
         raise RuntimeError(f"layers {bad}: captured queries of {capture.tokens[bad].tolist()} tokens, expected {n}")
-    inv_freq, freq_scale = shape.rope_frequencies()
-    meta = meta_for_model(shape, engine.model_id, calibration_tokens=n,
-                          calibration_text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), source=SOURCE)
-    stats = QueryStats(meta, (capture.sum_real / n).astype(np.float32), (capture.sum_imag / n).astype(np.float32),
-                       (capture.sum_abs / n).astype(np.float32), inv_freq, freq_scale)
-    stats.validate("calibration result")
-    return stats
-
-
-@contextmanager
-def _progress(enabled: bool, total: int):
-    """Yield advance(k): a transient progress bar over tokens on stderr, or a no-op."""
-    if not enabled or not sys.stderr.isatty():
-        yield lambda k: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("calibrating", total=total)
-        yield lambda k: bar.advance(task, k)
+    return stats_from_sums(shape, engine.model_id, text, n, capture.sum_real, capture.sum_imag, capture.sum_abs,
+                           source=SOURCE)

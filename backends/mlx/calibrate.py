@@ -8,8 +8,6 @@ nothing reads, are never computed.
 
 from __future__ import annotations
 
-import hashlib
-from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +16,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ...errors import UserError
 from ...rope import ModelShape
-from ...stats.format import QueryStats, meta_for_model
+from ...calibration import calibration_progress, calibration_token_ids, stats_from_sums
+from ...stats.format import QueryStats
 
 SOURCE = "triattn calibrate"
 
@@ -67,12 +66,6 @@ def _query_attribute(layer, index: int) -> tuple[nn.Module, str]:
     return attn, ("q_norm" if "q_norm" in attn else "q_proj")
 
 
-def calibration_token_ids(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
-    """The same ids as the torch backend's calibration: the text with the tokenizer's usual specials."""
-    ids = list(tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"])
-    return ids[:max_tokens] if max_tokens is not None else ids
-
-
 def calibrate(model, tokenizer, shape: ModelShape, text: str, *, model_id: str, max_tokens: int | None = None,
               chunk_tokens: int = 2048, progress: bool = True) -> QueryStats:
     """Run the text through the model in chunks (one growing KV cache) and return its pre-RoPE query stats."""
@@ -94,7 +87,7 @@ def calibrate(model, tokenizer, shape: ModelShape, text: str, *, model_id: str, 
             wrapped.append((attn, name))
         cache = make_prompt_cache(model)
         all_ids = mx.array(np.asarray(ids, dtype=np.int32))[None]
-        with _progress(progress, n) as advance:
+        with calibration_progress(progress, n) as advance:
             for start in range(0, n, chunk_tokens):
                 chunk = all_ids[:, start:start + chunk_tokens]
                 model(chunk, cache=cache)
@@ -109,27 +102,5 @@ def calibrate(model, tokenizer, shape: ModelShape, text: str, *, model_id: str, 
     for i, acc in enumerate(sums):
         if acc.tokens != n:
             raise RuntimeError(f"layer {i}: captured queries of {acc.tokens} tokens, expected {n}")
-    q_mean_real, q_mean_imag, q_abs_mean = (np.stack([acc.totals[j] / n for acc in sums]).astype(np.float32)
-                                            for j in range(3))
-    inv_freq, freq_scale = shape.rope_frequencies()
-    meta = meta_for_model(shape, model_id, calibration_tokens=n,
-                          calibration_text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), source=SOURCE)
-    stats = QueryStats(meta, q_mean_real, q_mean_imag, q_abs_mean, inv_freq, freq_scale)
-    stats.validate("calibration result")
-    return stats
-
-
-@contextmanager
-def _progress(enabled: bool, total: int):
-    """Yield advance(k): a transient rich progress bar over tokens on stderr, or a no-op."""
-    if not enabled:
-        yield lambda k: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("calibrating", total=total)
-        yield lambda k: bar.advance(task, k)
+    totals = [np.stack([acc.totals[j] for acc in sums]) for j in range(3)]
+    return stats_from_sums(shape, model_id, text, n, *totals, source=SOURCE)

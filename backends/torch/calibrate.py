@@ -8,24 +8,17 @@ skipped Qwen3's q_norm; the attention actually rotates the normed query, so that
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from ...errors import UserError
 from ...rope import ModelShape
-from ...stats.format import QueryStats, meta_for_model
+from ...calibration import calibration_progress, calibration_token_ids, stats_from_sums
+from ...stats.format import QueryStats
 
 SOURCE = "triattn calibrate"
-
-
-def calibration_token_ids(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
-    """Token ids of the text as the model would see it in a prompt (the tokenizer's usual specials, e.g. BOS)."""
-    ids = list(tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"])
-    return ids[:max_tokens] if max_tokens is not None else ids
 
 
 class _QueryAccumulator:
@@ -104,7 +97,7 @@ def calibrate(
         device = next(model.parameters()).device
         all_ids = torch.tensor([ids], dtype=torch.long, device=device)
         cache_kw = _cache_kwarg(base)
-        with torch.inference_mode(), _progress(progress, n) as advance:
+        with torch.inference_mode(), calibration_progress(progress, n) as advance:
             cache = DynamicCache(config=model.config)
             for start in range(0, n, chunk_tokens):
                 chunk = all_ids[:, start : start + chunk_tokens]
@@ -119,35 +112,5 @@ def calibrate(
         if acc.tokens != n:
             raise RuntimeError(f"layer {i}: captured queries of {acc.tokens} tokens, expected {n}")
 
-    def mean(total: torch.Tensor) -> np.ndarray:
-        return (total.cpu().numpy() / n).astype(np.float32)
-
-    q_mean_real = np.stack([mean(a.sum_real) for a in accs])
-    q_mean_imag = np.stack([mean(a.sum_imag) for a in accs])
-    q_abs_mean = np.stack([mean(a.sum_abs) for a in accs])
-    meta = meta_for_model(
-        shape,
-        model_id,
-        calibration_tokens=n,
-        calibration_text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        source=SOURCE,
-    )
-    stats = QueryStats(meta, q_mean_real, q_mean_imag, q_abs_mean, inv_freq, freq_scale)
-    stats.validate("calibration result")
-    return stats
-
-
-@contextmanager
-def _progress(enabled: bool, total: int):
-    """Yield advance(k): a transient rich progress bar over tokens on stderr, or a no-op."""
-    if not enabled:
-        yield lambda k: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("calibrating", total=total)
-        yield lambda k: bar.advance(task, k)
+    totals = [np.stack([getattr(a, name).cpu().numpy() for a in accs]) for name in ("sum_real", "sum_imag", "sum_abs")]
+    return stats_from_sums(shape, model_id, text, n, *totals, source=SOURCE)
