@@ -64,6 +64,15 @@ def test_a_stop_string_is_cut_and_its_beginning_never_streamed():
     assert isinstance(done, DoneEvent) and done.finish_reason == "stop"
 
 
+def test_only_text_before_the_first_stop_string_is_shown():
+    chunks, done = texts("abc STOP more <end>", ["STOP", "<end>"])
+    assert "".join(chunks) == "abc " and done.finish_reason == "stop"
+    chunks, _ = texts("abc ST", ["STOP"])  # ended otherwise: the held text was not a stop string
+    assert "".join(chunks) == "abc ST"
+    chunks, _ = texts("STOP", [])
+    assert "".join(chunks) == "STOP"
+
+
 def test_held_back_text_that_is_not_a_stop_string_is_flushed():
     chunks, done = texts("ab<x</", ["<y", "</q>"])  # ends (EOS) while "</" could still begin "</q>"
     assert "".join(chunks) == "ab<x</"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from triattn_local.serve.chat_format import OutputParser, StopFilter
+from triattn_local.serve.chat_format import OutputParser
 
 
 def parse(text, parse_tools=True, starts_in_reasoning=False, cuts=None):
@@ -51,11 +51,3 @@ def test_without_tools_tool_syntax_is_content_and_a_forced_think_starts_in_reaso
         {"reasoning": "I think.", "content": "So: 3.", "calls": []}
 
 
-def test_stop_filter_never_shows_part_of_a_stop_string():
-    f = StopFilter(["STOP", "<end>"])
-    shown = "".join(f.feed(c) for c in "abc STO")
-    assert shown == "abc " and f.finish("abc STOP") == ""  # generation ended at the stop string
-    f = StopFilter(["STOP"])
-    shown = "".join(f.feed(c) for c in "abc ST")
-    assert shown == "abc " and f.finish(None) == "ST"  # ended otherwise: the held text was not a stop
-    assert StopFilter([]).feed("STOP") == "STOP"

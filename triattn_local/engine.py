@@ -328,7 +328,7 @@ class Session:
                     emitted = len(text)  # the stop string itself is never shown
                     finish = "stop"
                     break
-                ready = len(text) - _stop_prefix_length(text, params.stop)  # hold back a stop string's beginning
+                ready = len(text) - partial_suffix_length(text, params.stop)  # hold back a stop string's beginning
                 if ready > emitted:
                     yield TextEvent(text[emitted:ready])
                     emitted = ready
@@ -360,8 +360,9 @@ def kv_metrics(engine: Engine, compression: CompressionSettings, state: Compress
     )
 
 
-def _stop_prefix_length(text: str, stops: list[str]) -> int:
-    """Length of the longest end of text that is the beginning of a stop string (so it may still become one)."""
+def partial_suffix_length(text: str, stops: list[str]) -> int:
+    """Length of the longest end of text that is a proper beginning of one of the strings (so it may still become
+    one): held back by the generation loop for stop strings, and by the server's parser for tags."""
     best = 0
     for s in stops:
         for n in range(min(len(s) - 1, len(text)), best, -1):

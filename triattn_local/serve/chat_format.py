@@ -8,6 +8,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+from ..engine import partial_suffix_length
 from .errors import APIError
 from .protocol import ChatCompletionRequest, Message
 
@@ -212,7 +213,7 @@ class OutputParser:
                 self.pending = self.pending[j + len(tag):]
                 self._switch(tag)
                 continue
-            keep = _partial_tag_length(self.pending, tags)
+            keep = partial_suffix_length(self.pending, tags)
             self._emit(self.mode, self.pending[:len(self.pending) - keep], out)
             self.pending = self.pending[len(self.pending) - keep:]
             break
@@ -279,36 +280,6 @@ class OutputParser:
         return "".join(self.content_text)
 
 
-class StopFilter:
-    """Holds back text that may be the start of a stop string, so that no part of a stop string reaches the client
-    (the engine stops at a stop string but has streamed the text before it was complete)."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.emitted = 0
-
-    def feed(self, delta: str) -> str:
-        if not self.stops:
-            return delta
-        self.text += delta
-        end = len(self.text) - _partial_tag_length(self.text[self.emitted:], self.stops)
-        out, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
-        return out
-
-    def finish(self, full_text: str | None) -> str:
-        """The rest. full_text: everything generated, when generation ended at a stop string (cut there)."""
-        if not self.stops:
-            return ""
-        text = self.text
-        if full_text is not None:
-            hits = [i for i in (full_text.find(s) for s in self.stops) if i >= 0]
-            text = full_text[:min(hits)] if hits else full_text
-        out = text[self.emitted:]
-        self.emitted = max(self.emitted, len(text))
-        return out
-
-
 def _parse_tool_call(body: str, index: int) -> ParsedToolCall | None:
     try:
         value = json.loads(body.strip())
@@ -320,14 +291,3 @@ def _parse_tool_call(body: str, index: int) -> ParsedToolCall | None:
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
     return ParsedToolCall(index, f"call_{uuid.uuid4().hex[:24]}", value["name"], arguments)
-
-
-def _partial_tag_length(text: str, tags: list[str]) -> int:
-    """Length of the longest end of text that is a proper beginning of one of the tags."""
-    best = 0
-    for tag in tags:
-        for n in range(min(len(tag) - 1, len(text)), best, -1):
-            if text.endswith(tag[:n]):
-                best = n
-                break
-    return best

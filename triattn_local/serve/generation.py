@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine import DoneEvent, KVMetrics, TextEvent, TokenEvent
-from .chat_format import OutputParser, StopFilter
+from .chat_format import OutputParser
 from .conversations import Conversation, Turn, reply_key
 from .errors import APIError
 from .scheduler import Failed, Job, Started
@@ -28,10 +28,10 @@ class Run:
 
     def __init__(self, state, job: Job, parser: OutputParser | None):
         self.state, self.job, self.parser = state, job, parser
-        self.stops = StopFilter(job.params.stop)
 
     def _text(self, text: str):
-        """Text through the stop filter, then the chat parser: a Delta (chat), a str (completions) or None."""
+        """Text through the chat parser: a Delta (chat), a str (completions) or None. (The engine never streams any
+        part of a stop string.)"""
         if not text:
             return None
         return (self.parser.feed(text) if self.parser else text) or None
@@ -51,7 +51,7 @@ class Run:
                     generated.append(item.token_id)
                     reasoning_tokens += bool(parser and parser.in_reasoning)
                 elif isinstance(item, TextEvent):
-                    out = self._text(self.stops.feed(item.text))
+                    out = self._text(item.text)
                     if out:
                         yield out
                 elif isinstance(item, Failed):
@@ -59,13 +59,9 @@ class Run:
                     raise APIError(500, item.message, type="server_error")
                 elif isinstance(item, DoneEvent):
                     finished = True
-                    eos = state.engine.eos_token_ids()
-                    full = None  # all the text, when it ended at a stop string (the filter cuts it there)
-                    if item.finish_reason == "stop" and generated and generated[-1] not in eos:
-                        full = state.engine.tokenizer.decode(generated, skip_special_tokens=False)
-                    for out in (self._text(self.stops.finish(full)), parser.finish() if parser else None):
-                        if out:
-                            yield out
+                    out = parser.finish() if parser else None
+                    if out:
+                        yield out
                     yield self._finish(item, generated, reasoning_tokens, started)
                     return
         finally:
