@@ -125,3 +125,26 @@ def test_batched_rounds_on_the_device_equal_the_host_plan(mode, tiny_model_facto
             for h in range(shape.num_kv_heads):
                 assert torch.equal(runner.model.k_cache[i, b, h, :policy.budget], k_before[i, b, h, keep[i, h]])
     assert all(np.array_equal(s.positions, h.positions) for s, h in zip(states, host))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on the GPU every test above already runs the kernels")
+@pytest.mark.parametrize("arch,mode", [("qwen3", "per_head"), ("llama", "per_layer_head")])
+def test_the_kernel_path_keeps_what_the_transformers_path_keeps(arch, mode, tiny_model_factory, monkeypatch):
+    """The GPU's code path in Triton's interpreter: fused decode steps, all-layer scoring and compaction kernels."""
+    pytest.importorskip("triton")
+    from triattn_local.backends.torch import kernels
+
+    path = str(tiny_model_factory(arch))
+    policy = BudgetPolicy(40, 16, 8, 2, pruning_mode=mode)
+    prompt = [int(x) for x in np.random.default_rng(0).integers(5, 300, size=60)]
+    tokens_d, kept_d, _, _ = run(TorchEngine(path, device="cpu", dtype="float32", static_cache=False), prompt,
+                                 policy, 40)
+    monkeypatch.setattr(kernels, "available", lambda device: True)
+    tokens_s, kept_s, lengths, session = run(TorchEngine(path, device="cpu", dtype="float32", static_cache=True),
+                                             prompt, policy, 40)
+    runner = session.runner.runner
+    assert runner.use_kernels and runner.model.fused_decode
+    assert len(kept_s) >= 3
+    assert tokens_s == tokens_d
+    assert kept_s == kept_d
+    assert max(lengths) == policy.capacity

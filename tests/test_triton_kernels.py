@@ -62,3 +62,14 @@ def test_compaction_in_place_equals_a_gather(kept):
     kernels.compact_(buffer, keep, block_t=32)  # several blocks per row: sources overlap later destinations
     torch.testing.assert_close(buffer[:, :, :kept], want, rtol=0, atol=0)
     torch.testing.assert_close(buffer[:, :, 140:], tail, rtol=0, atol=0)  # slots past the kept ones untouched
+
+
+def test_scoring_every_layer_in_one_launch_equals_scoring_each_layer():
+    """keys [L·B, Hkv, T, D] (a view of the whole static cache) with per-layer virtual queries [L, H, D]."""
+    gen = torch.Generator().manual_seed(5)
+    cache = torch.randn(3, 2, 2, 96, 32, generator=gen).to(DEVICE)  # [L, B, Hkv, C, D]
+    vq, mw = torch.randn(3, 4, 32, generator=gen), torch.rand(3, 4, 16, generator=gen)
+    got = kernels.score_keys(cache[:, :, :, :70].flatten(0, 1), vq, mw).unflatten(0, (3, 2))
+    for layer in range(3):
+        want = kernels.score_keys(cache[layer, :, :, :70], vq[layer], mw[layer])
+        torch.testing.assert_close(got[layer], want, rtol=0, atol=0)

@@ -41,7 +41,10 @@ class CompressionState:
         self.scorer = scorer
         self.group_aggregation = group_aggregation
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
-        self._slots = np.zeros((num_layers, num_kv_heads, 256), dtype=np.int64)  # grows by doubling
+        # Slot positions, growing by doubling. Where every layer keeps the same slots (per_head and global
+        # pruning) one layer's row is stored and read back broadcast: a round's bookkeeping stays O(H · T).
+        stored_layers = num_layers if policy.pruning_mode == "per_layer_head" else 1
+        self._slots = np.zeros((stored_layers, num_kv_heads, 256), dtype=np.int64)
         self._len = 0
         self.prompt_len = 0
         self.rounds = 0
@@ -55,14 +58,15 @@ class CompressionState:
 
     @property
     def positions(self) -> np.ndarray:
-        """Original position of every cache slot: [layers, kv_heads, T] (a view)."""
-        return self._slots[..., : self._len]
+        """Original position of every cache slot: [layers, kv_heads, T] (a read-only view)."""
+        view = self._slots[..., : self._len]
+        return np.broadcast_to(view, (self.num_layers,) + view.shape[1:])
 
     @positions.setter
     def positions(self, value: np.ndarray) -> None:
         self._len = 0
         self._reserve(value.shape[-1])
-        self._slots[..., : value.shape[-1]] = value
+        self._slots[..., : value.shape[-1]] = value[: self._slots.shape[0]]  # layers agree where one is stored
         self._len = value.shape[-1]
 
     @property
@@ -101,12 +105,19 @@ class CompressionState:
     def apply(self, keep_rows: np.ndarray) -> tuple[np.ndarray, RoundRecord]:
         """Record a round whose choosing rows keep slots keep_rows [rows, B] (from plan, or from a backend's fast
         form of the same policy); returns the slots to keep per (layer, KV head) and the round's record."""
-        row_positions = self.row_positions()
-        keep = self._expand(keep_rows)
-        kept = self._record_rows(keep_rows, row_positions)  # before the slots are overwritten (row_positions is a view)
-        self.positions = np.take_along_axis(self.positions, keep, axis=-1)
+        return self._expand(keep_rows), self.record_round(keep_rows)
+
+    def record_round(self, keep_rows: np.ndarray) -> RoundRecord:
+        """apply without the per-(layer, KV head) slot list, for backends that compact from keep_rows themselves.
+        The rows' kept positions are gathered once and broadcast to every slot row they decide (in per_head and
+        global modes all layers hold the same positions): a round's bookkeeping is O(rows · B), not O(L · H · T)."""
+        kept = np.take_along_axis(self.row_positions(), keep_rows, axis=-1)  # [rows, B]
+        record = RoundRecord(self.rounds + 1, self._next, self._record_rows(kept))
+        shape = (self.num_layers, self.num_kv_heads, kept.shape[-1])
+        self.positions = kept.reshape(shape) if self.policy.pruning_mode == "per_layer_head" else \
+            np.broadcast_to(kept[None], shape)
         self.rounds += 1
-        return keep, RoundRecord(self.rounds, self._next, kept)
+        return record
 
     def row_positions(self) -> np.ndarray:
         """Positions [rows, T] of the slots each choosing row of the pruning mode sees."""
@@ -123,8 +134,7 @@ class CompressionState:
             return keep_rows.reshape(shape)
         return np.broadcast_to(keep_rows, shape).copy()  # per_head: [H, B]; global: [1, B]
 
-    def _record_rows(self, keep_rows: np.ndarray, row_positions: np.ndarray) -> list:
-        kept = np.take_along_axis(row_positions, keep_rows, axis=-1)
+    def _record_rows(self, kept: np.ndarray) -> list:
         mode = self.policy.pruning_mode
         out = []
         for r, positions in enumerate(kept.tolist()):

@@ -34,9 +34,13 @@ def cuda_kernel_note(major: int, minor: int) -> str:
         return f"{name} sm_{major}{minor}: below sm_80, the Triton kernels are off (torch fallbacks are used)"
     if (major, minor) in TESTED_ARCHITECTURES:
         return f"{name} sm_{major}{minor}: Triton kernels and CUDA-graph decode tested on this architecture"
-    return (f"{name} sm_{major}{minor}: Triton kernels are generic (sm_80+) but untested on this architecture; "
-            "check with TRIATTN_TEST_DEVICE=cuda pytest tests/test_triton_kernels.py "
+    note = (f"{name} sm_{major}{minor}: Triton kernels are generic (sm_80+) but untested on this architecture; "
+            "check with TRIATTN_TEST_DEVICE=cuda pytest tests/test_triton_kernels.py tests/test_decode_kernels.py "
             "tests/test_static_runner.py")
+    if major >= 12 and not os.environ.get("TRITON_PTXAS_PATH"):
+        # Triton wheels built against CUDA 12.8 bundle a ptxas that does not know sm_121a (GB10).
+        note += "; if Triton fails with 'sm_121a is not defined', export TRITON_PTXAS_PATH=/usr/local/cuda/bin/ptxas"
+    return note
 
 
 def hardware() -> list[tuple[str, str]]:

@@ -41,7 +41,7 @@ if triton is not None:
     @triton.jit
     def _score_keys_kernel(
         keys_ptr, vq_ptr, mw_ptr, out_ptr,
-        T, kv_heads,
+        T, kv_heads, rows_per_layer, stride_vl, stride_ml,
         stride_kb, stride_kh, stride_kt,
         stride_ob, stride_oh,
         head_dim: tl.constexpr, group: tl.constexpr, HALF_SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -52,8 +52,11 @@ if triton is not None:
         F: tl.constexpr = head_dim // 2
         t = block * BLOCK_T + tl.arange(0, BLOCK_T)
         f = tl.arange(0, F)
+        layer = row // rows_per_layer  # rows of every layer in one launch: each layer has its own virtual queries
+        vq_ptr += layer * stride_vl
+        mw_ptr += layer * stride_ml
         t_ok = t < T
-        base = keys_ptr + row * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt
+        base = keys_ptr + row.to(tl.int64) * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt
         if HALF_SPLIT:  # pair f is (d = f, d = f + D/2): Qwen, Llama in HF layout
             re_idx = f
             im_idx = f + F
@@ -69,7 +72,7 @@ if triton is not None:
             vq_im = tl.load(vq_ptr + h * head_dim + im_idx).to(tl.float32)
             w = tl.load(mw_ptr + h * F + f).to(tl.float32)
             score = tl.sum(re * vq_re[None, :] + im * vq_im[None, :] + mag * w[None, :], axis=1)  # [BLOCK_T]
-            tl.store(out_ptr + row * stride_ob + h * stride_oh + t, score, mask=t_ok)
+            tl.store(out_ptr + row.to(tl.int64) * stride_ob + h * stride_oh + t, score, mask=t_ok)
 
     # Block sizes are tuned per GPU by autotune (the interpreter has no timer: it uses one fixed block).
     _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -90,8 +93,8 @@ if triton is not None:
         row = pid // kv_heads
         kv_head = pid % kv_heads
         d = tl.arange(0, head_dim)
-        base = buf_ptr + row * stride_bb + kv_head * stride_bh
-        keep_base = keep_ptr + row * stride_kb + kv_head * stride_kh
+        base = buf_ptr + row.to(tl.int64) * stride_bb + kv_head * stride_bh  # a whole cache exceeds 2^31
+        keep_base = keep_ptr + row.to(tl.int64) * stride_kb + kv_head * stride_kh
         for start in range(0, K, BLOCK_T):  # in order: sources of later blocks lie at or after their slots
             j = start + tl.arange(0, BLOCK_T)
             ok = j < K
@@ -158,19 +161,26 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
 
 def score_keys(keys: torch.Tensor, virtual_query: torch.Tensor, magnitude_weight: torch.Tensor,
                pairing: str = "half") -> torch.Tensor:
-    """keys [B, kv_heads, T, D] (any float dtype; T may be a prefix of a larger buffer) → scores [B, heads, T]
-    float32, equal to cache.score_keys_torch."""
-    batch, kv_heads, length, dim = keys.shape
-    heads = virtual_query.shape[0]
+    """keys [R, kv_heads, T, D] (any float dtype; T may be a prefix of a larger buffer) → scores [R, heads, T]
+    float32, equal to cache.score_keys_torch. With virtual queries [L, heads, D] and magnitude weights
+    [L, heads, D/2] of L layers, the rows are L layers' batches one after the other (R = L·B): every layer of the
+    cache is scored in one launch."""
+    rows, kv_heads, length, dim = keys.shape
+    vq = torch.as_tensor(virtual_query).to(device=keys.device, dtype=torch.float32)
+    mw = torch.as_tensor(magnitude_weight).to(device=keys.device, dtype=torch.float32)
+    if vq.dim() == 2:
+        vq, mw = vq[None], mw[None]
+    vq, mw = vq.contiguous(), mw.contiguous()
+    layers, heads = vq.shape[0], vq.shape[1]
+    if rows % layers:
+        raise ValueError(f"{rows} key rows cannot be split into {layers} layers")
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
-    vq = virtual_query.to(device=keys.device, dtype=torch.float32).contiguous()
-    mw = magnitude_weight.to(device=keys.device, dtype=torch.float32).contiguous()
-    out = torch.empty(batch, heads, length, device=keys.device, dtype=torch.float32)
-    grid = lambda meta: (batch, kv_heads, triton.cdiv(length, meta["BLOCK_T"]))  # noqa: E731
+    out = torch.empty(rows, heads, length, device=keys.device, dtype=torch.float32)
+    grid = lambda meta: (rows, kv_heads, triton.cdiv(length, meta["BLOCK_T"]))  # noqa: E731
     fixed = {"BLOCK_T": 64} if _INTERPRET else {}
     _score_keys_tuned[grid](
-        keys, vq, mw, out, length, kv_heads,
+        keys, vq, mw, out, length, kv_heads, rows // layers, vq.stride(0), mw.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2),
         out.stride(0), out.stride(1),
         head_dim=dim, group=heads // kv_heads, HALF_SPLIT=pairing == "half", **fixed,

@@ -12,7 +12,9 @@ token and the slot it is written to are separate inputs.
 
 The module mirrors transformers' parameter names (model.layers.i.self_attn.q_proj …) for Qwen3, Qwen2 and Llama,
 so an HF checkpoint's state dict loads as is; the rotary embedding is transformers' own for that architecture
-(default, linear, llama3 and yarn scaling alike).
+(default, linear, llama3 and yarn scaling alike). Loading fuses q/k/v into one qkv_proj and gate/up into one
+gate_up_proj (gpt-fast style): a decode step then reads each layer's weights in four matrix products. On a GPU the
+decode step runs the fused Triton kernels of decode_kernels.py between them.
 """
 
 from __future__ import annotations
@@ -48,24 +50,28 @@ class Attention(nn.Module):
         self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.heads
         hidden = cfg["hidden_size"]
         qkv_bias = cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False))
-        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.qkv_proj = nn.Linear(hidden, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=bool(cfg.get("attention_bias", False))
                                 and cfg.get("model_type") != "qwen2")
-        self.qk_norm = cfg.get("model_type") == "qwen3"
-        if self.qk_norm:
+        # The pre-RoPE query is q_norm's output in every architecture (an identity where there is no q/k norm):
+        # calibration hooks it.
+        if cfg.get("model_type") == "qwen3":
             self.q_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
             self.k_norm = RMSNorm(self.head_dim, cfg["rms_norm_eps"])
+        else:
+            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+        self.scale = self.head_dim ** -0.5
+
+    def split_sizes(self) -> list[int]:
+        return [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
 
     def forward(self, x, cos, sin, k_cache, v_cache, slots, mask):
         """x [B, n, hidden]; k/v_cache [B, Hkv, C, D] (written at `slots` [n]); mask [n, C] bool (True = attend)."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.qkv_proj(x).split(self.split_sizes(), dim=-1)
+        q = self.q_norm(q.view(b, n, self.heads, self.head_dim))
+        k = self.k_norm(k.view(b, n, self.kv_heads, self.head_dim))
+        v = v.view(b, n, self.kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, n, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -80,12 +86,32 @@ class MLP(nn.Module):
         super().__init__()
         hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
         bias = bool(cfg.get("mlp_bias", False))
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)  # gate rows, then up rows
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+# Fused projection → the checkpoint's projections it concatenates (along the output dimension).
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+_AWQ_TENSORS = ("qweight", "qzeros", "scales")  # [K, N…]: their output dimension is the last one
+
+
+def fuse_state_dict(state: dict, num_layers: int) -> dict:
+    """A checkpoint's state dict (HF names) with each layer's q/k/v and gate/up tensors concatenated into the fused
+    projections', layer by layer (the parts are dropped as they are merged, so memory grows by one layer at most)."""
+    for i in range(num_layers):
+        prefix = f"model.layers.{i}."
+        for fused, parts in FUSED.items():
+            for tensor in ("weight", "bias") + _AWQ_TENSORS:
+                names = [f"{prefix}{p}.{tensor}" for p in parts]
+                if all(n in state for n in names):
+                    dim = 1 if tensor in _AWQ_TENSORS else 0
+                    state[f"{prefix}{fused}.{tensor}"] = torch.cat([state.pop(n) for n in names], dim=dim)
+    return state
 
 
 class Block(nn.Module):
@@ -124,6 +150,7 @@ class StaticKVModel(nn.Module):
         self.num_layers, self.kv_heads, self.head_dim = len(self.model.layers), attn.kv_heads, attn.head_dim
         self.k_cache: torch.Tensor | None = None  # [L, B, Hkv, C, D]
         self.v_cache: torch.Tensor | None = None
+        self.fused_decode = False  # decode steps through decode_kernels (Triton): set where Triton can run
 
     def _quantize_linears(self, quant: dict) -> None:
         """Swap the attention and MLP projections for int4 AWQ layers (embeddings and lm_head stay as they are)."""
@@ -161,6 +188,7 @@ class StaticKVModel(nn.Module):
             if file.name != "triattn_stats.safetensors":
                 state.update(load_file(str(file), device=device))
         state = {k: (v.to(dtype) if v.is_floating_point() and "scales" not in k else v) for k, v in state.items()}
+        state = fuse_state_dict(state, model.num_layers)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         tied = model.cfg.get("tie_word_embeddings")
         missing = [m for m in missing if not m.startswith("rotary.") and not (tied and m == "lm_head.weight")]
@@ -172,11 +200,27 @@ class StaticKVModel(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> "StaticKVModel":
-        """The same weights as a loaded transformers model (shared tensors, no copy)."""
+        """The same weights as a loaded transformers model, held once: each layer's q/k/v (gate/up) weights are
+        concatenated into the fused projection and the transformers model's own projections are re-pointed at
+        slices of it, so both models keep working and no second copy of the weights stays in memory."""
         with torch.device("meta"):  # no memory and no random init: the weights come from hf_model
             model = cls(hf_model.config, None)
         model.rotary = hf_model.model.rotary_emb
-        missing, unexpected = model.load_state_dict(hf_model.state_dict(), strict=False, assign=True)
+        fused_names = {f"{p}.{t}" for parts in FUSED.values() for p in parts for t in ("weight", "bias")}
+        state = {k: v for k, v in hf_model.state_dict().items()
+                 if not any(k.endswith(n) for n in fused_names)}
+        for i, hf_layer in enumerate(hf_model.model.layers):
+            for fused, parts in FUSED.items():
+                linears = [hf_layer.get_submodule(p) for p in parts]
+                for tensor in ("weight", "bias"):
+                    params = [getattr(lin, tensor) for lin in linears]
+                    if params[0] is None:
+                        continue
+                    whole = torch.cat([p.data for p in params])
+                    for param, view in zip(params, whole.split([p.shape[0] for p in params])):
+                        param.data = view
+                    state[f"model.layers.{i}.{fused}.{tensor}"] = whole
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         missing = [m for m in missing if not m.startswith("rotary.")]
         if missing or [u for u in unexpected if "rotary" not in u]:
             raise ValueError(f"weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -198,6 +242,8 @@ class StaticKVModel(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """tokens [B, n] at RoPE positions [n], written to cache slots [n] (ascending, contiguous); returns the
         logits [B, vocab] of the last token. Queries see every slot up to their own."""
+        if tokens.shape[1] == 1 and self.fused_decode:
+            return self.decode_step(tokens, positions, slots)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(x, positions[None])  # [1, n, D]
         cos, sin = cos[:, None], sin[:, None]
@@ -207,6 +253,34 @@ class StaticKVModel(nn.Module):
                                     mask)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.model.norm(x[:, -1]))
+
+    def decode_step(self, tokens: torch.Tensor, position: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """forward for one token per row with the fused Triton kernels: per layer a norm, the qkv product, one
+        kernel for q/k norm + rotary + cache write, attention over the filled slots, o_proj, a residual norm,
+        gate/up, the activation and down. The residual stream is updated in place by the norms."""
+        from . import decode_kernels as dk
+
+        batch = tokens.shape[0]
+        residual = self.model.embed_tokens(tokens[:, 0])  # [B, hidden]
+        cos, sin = self.rotary(residual[:, None], position[None])
+        cos, sin = cos.reshape(-1), sin.reshape(-1)  # [D]: every row is at the same position
+        delta = None
+        for i, layer in enumerate(self.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            ln = layer.input_layernorm
+            h = dk.rms_norm(residual, ln.weight, ln.eps) if delta is None else \
+                dk.rms_norm(delta, ln.weight, ln.eps, residual=residual)
+            norm = isinstance(attn.q_norm, RMSNorm)
+            q = dk.qk_norm_rope_cache(attn.qkv_proj(h), attn.q_norm.weight if norm else None,
+                                      attn.k_norm.weight if norm else None, attn.q_norm.eps if norm else 0.0,
+                                      cos, sin, self.k_cache[i], self.v_cache[i], slot, attn.heads)
+            out = dk.decode_attention(q, self.k_cache[i], self.v_cache[i], slot, attn.scale)
+            delta = attn.o_proj(out.reshape(batch, -1))
+            ln = layer.post_attention_layernorm
+            h = dk.rms_norm(delta, ln.weight, ln.eps, residual=residual)
+            delta = mlp.down_proj(dk.silu_mul(mlp.gate_up_proj(h)))
+        h = dk.rms_norm(delta, self.model.norm.weight, self.model.norm.eps, residual=residual)
+        return self.lm_head(h)
 
 
 class GraphedDecodeStep:

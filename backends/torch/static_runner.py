@@ -17,12 +17,20 @@ from .static_model import GraphedDecodeStep, StaticKVModel
 
 
 class StaticRunner:
-    def __init__(self, model: StaticKVModel, capacity: int, use_graph: bool | None = None):
+    """capacity: the most slots the cache will hold (TriAttention's B + N), allocated once and never exceeded. None
+    when that is not known up front (full attention): the cache starts at initial_capacity slots (doubled until the
+    first forward fits) and doubles whenever it is full, into new buffers that the filled slots are copied to."""
+
+    initial_capacity = 4096
+
+    def __init__(self, model: StaticKVModel, capacity: int | None, use_graph: bool | None = None):
         self.model = model
-        self.capacity = capacity
+        self.grows = capacity is None
+        self.capacity = capacity or 0  # a growing runner allocates on its first forward
         self.device = model.lm_head.weight.device
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
         self.use_kernels = kernels.available(self.device)
+        model.fused_decode = self.use_kernels  # the fused Triton decode step (decode_kernels.py)
         self.batch = 0
         self.step: GraphedDecodeStep | None = None
         self.reset()
@@ -30,29 +38,60 @@ class StaticRunner:
     def reset(self) -> None:
         self.length = 0  # filled slots, the same in every row, layer and KV head
 
-    def _ensure_batch(self, batch: int) -> None:
-        if batch != self.batch or self.model.k_cache is None or self.model.capacity != self.capacity:
+    def _ensure_batch(self, batch: int, needed: int = 0) -> None:
+        """Buffers of `batch` rows and self.capacity slots. A growing runner first doubles its capacity until `needed`
+        slots fit, and keeps the filled slots (same batch) in the bigger buffers."""
+        grow = self.grows and needed > self.capacity
+        if grow:
+            capacity = self.capacity or self.initial_capacity
+            while capacity < needed:
+                capacity *= 2
+            self.capacity = capacity
+        if grow or batch != self.batch or self.model.k_cache is None or self.model.capacity != self.capacity:
+            filled = None
+            if grow and self.length and self.model.k_cache is not None:
+                filled = (self.model.k_cache[:, :, :, : self.length], self.model.v_cache[:, :, :, : self.length])
             self.model.allocate(batch, self.capacity)
             self.batch = batch
             self.step = GraphedDecodeStep(self.model, batch, self.use_graph) if self.use_graph else None
             if self.use_kernels and self.device.type == "cuda":
                 self._compile_kernels()
+            if filled is not None:  # after the graph capture, whose warm-up steps write slot 0
+                self.model.k_cache[:, :, :, : self.length].copy_(filled[0])
+                self.model.v_cache[:, :, :, : self.length].copy_(filled[1])
 
     @torch.inference_mode()
     def _compile_kernels(self) -> None:
         """Compile (and autotune) the Triton kernels now, before the first token, not in the middle of a round."""
-        keys = self.model.k_cache[0]
-        heads = self.model.model.layers[0].self_attn.heads
-        kernels.score_keys(keys, torch.zeros(heads, self.model.head_dim), torch.zeros(heads, self.model.head_dim // 2))
+        m = self.model
+        keys = m.k_cache.flatten(0, 1)  # as _scores and compact call them: every layer in one launch
+        heads = m.model.layers[0].self_attn.heads
+        kernels.score_keys(keys, torch.zeros(m.num_layers, heads, m.head_dim),
+                           torch.zeros(m.num_layers, heads, m.head_dim // 2))
         identity = torch.arange(self.capacity, device=self.device).expand(keys.shape[0], keys.shape[1], -1)
         kernels.compact_(keys, identity)  # keeps every slot where it is: a no-op that compiles the kernel
+        self._warm_plan()
+
+    def _warm_plan(self) -> None:
+        """Run the GPU plan once per pruning mode on dummy scores: the first sort, std … of a process loads their
+        CUDA kernels (~0.2 s), which belongs before the first token, not inside the first round."""
+        from ...policy import PRUNING_MODES, BudgetPolicy
+
+        m, batch, capacity = self.model, self.model.k_cache.shape[1], self.capacity
+        heads = m.model.layers[0].self_attn.heads
+        scores = torch.zeros(batch, m.num_layers, heads, capacity, device=self.device)
+        for mode in PRUNING_MODES:
+            policy = BudgetPolicy(max(2, capacity // 2), 1, window=1, sinks=1, pruning_mode=mode)
+            rows = {"per_layer_head": m.num_layers * m.kv_heads, "per_head": m.kv_heads}.get(mode, 1)
+            positions = torch.arange(capacity, device=self.device).expand(batch, rows, capacity)
+            plan_keep_rows(policy, scores, positions, heads // m.kv_heads, "max", capacity - 1, 0)
 
     @torch.inference_mode()
     def forward(self, token_ids, start_position: int) -> np.ndarray:
         tokens = torch.as_tensor(np.asarray(token_ids, dtype=np.int64), device=self.device)  # [B, n]
         batch, n = tokens.shape
-        if self.length == 0:
-            self._ensure_batch(batch)
+        if self.length == 0 or (self.grows and self.length + n > self.capacity):
+            self._ensure_batch(batch, self.length + n)
         if self.length + n > self.capacity:
             raise RuntimeError(f"static KV cache full: {self.length} + {n} slots > capacity {self.capacity}")
         if n == 1 and self.step is not None:
@@ -69,19 +108,18 @@ class StaticRunner:
         return self.model.k_cache[layer, :, :, : self.length]
 
     def _scores(self, scorer: TriAttentionScorer, round_start: int) -> torch.Tensor:
-        """Per-query-head scores [B, L, H, T] of every filled slot, on the device."""
+        """Per-query-head scores [B, L, H, T] of every filled slot, on the device (one kernel for all layers)."""
         if not isinstance(scorer, TriAttentionScorer) or scorer.offset_aggregation != "mean":
             raise ValueError("the static-cache runner scores with TriAttention (mean over offsets) only")
         rq = scorer.round_queries(round_start)
-        scores = []
-        for i in range(self.model.num_layers):
-            if self.use_kernels:
-                scores.append(kernels.score_keys(self.keys(i), torch.from_numpy(rq.virtual_query[i]),
-                                                 torch.from_numpy(rq.magnitude_weight[i]), scorer.pairing))
-            else:
-                scores.append(score_keys_torch(self.keys(i), rq.virtual_query[i], rq.magnitude_weight[i],
-                                               scorer.pairing))
-        return torch.stack(scores, dim=1)
+        layers = self.model.num_layers
+        if self.use_kernels:
+            keys = self.model.k_cache[:, :, :, : self.length].flatten(0, 1)  # [L·B, Hkv, T, D], a view
+            scores = kernels.score_keys(keys, torch.from_numpy(rq.virtual_query), torch.from_numpy(rq.magnitude_weight),
+                                        scorer.pairing)
+            return scores.unflatten(0, (layers, -1)).transpose(0, 1)
+        return torch.stack([score_keys_torch(self.keys(i), rq.virtual_query[i], rq.magnitude_weight[i], scorer.pairing)
+                            for i in range(layers)], dim=1)
 
     @torch.inference_mode()
     def head_scores(self, scorer: TriAttentionScorer, round_start: int) -> np.ndarray:
@@ -89,16 +127,17 @@ class StaticRunner:
 
     @torch.inference_mode()
     def compact(self, keep: np.ndarray | torch.Tensor) -> None:
-        """Move the kept slots [B, L, Hkv, K] (ascending) to the front of the buffers, in place."""
+        """Move the kept slots [B, L, Hkv, K] (ascending) to the front of the buffers, in place (on a GPU one
+        kernel per buffer for all layers)."""
         keep_t = torch.as_tensor(keep, device=self.device)
         kept = keep_t.shape[-1]
         for cache in (self.model.k_cache, self.model.v_cache):
+            if self.use_kernels:
+                kernels.compact_(cache.flatten(0, 1), keep_t.transpose(0, 1).flatten(0, 1))
+                continue
             for i in range(self.model.num_layers):
-                if self.use_kernels:
-                    kernels.compact_(cache[i], keep_t[:, i])
-                else:
-                    idx = keep_t[:, i, :, :, None].expand(-1, -1, -1, cache.shape[-1])
-                    cache[i, :, :, :kept] = torch.gather(cache[i, :, :, : self.length], 2, idx)
+                idx = keep_t[:, i, :, :, None].expand(-1, -1, -1, cache.shape[-1])
+                cache[i, :, :, :kept] = torch.gather(cache[i, :, :, : self.length], 2, idx)
         self.length = kept
 
     @torch.inference_mode()
@@ -112,7 +151,7 @@ class StaticRunner:
         keep_rows = plan_keep_rows(policy, scores, positions, scorer.group_size, first.group_aggregation,
                                    first.round_start, first.prompt_len)
         self.compact(expand_keep(keep_rows, self.model.num_layers, self.model.kv_heads, policy.pruning_mode))
-        return [state.apply(rows)[1] for state, rows in zip(states, keep_rows.cpu().numpy())]
+        return [state.record_round(rows) for state, rows in zip(states, keep_rows.cpu().numpy())]
 
     @torch.inference_mode()
     def select_rows(self, rows: list[int]) -> None:
