@@ -9,7 +9,11 @@ DEVICE = os.environ.get("TRIATTN_TEST_DEVICE", "cpu")
 
 import torch  # noqa: E402
 
-from triattn_local.backends.torch import int4, kernels  # noqa: E402
+from triattn_local.backends.torch import int4, int4_kernels, kernels  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(kernels.triton is None or (DEVICE != "cpu" and not kernels.available(DEVICE)),
+                                  reason="Triton cannot run here")
 
 
 def test_packing_follows_awq_nibble_order():
@@ -31,21 +35,78 @@ def test_quantize_then_dequantize_is_close_to_the_weight():
     assert ((back - w).abs().reshape(96, 4, 64) <= step[..., None] / 2 + 1e-3).all()  # within half a step
 
 
-@pytest.mark.skipif(kernels.triton is None or (DEVICE != "cpu" and not kernels.available(DEVICE)),
-                                  reason="Triton cannot run here")
-@pytest.mark.parametrize("m", [1, 5, 33])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_awq_matmul_equals_dequantized_matmul(m, dtype):
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("Triton's interpreter (numpy) has no bfloat16 matmul; the GPU run covers it")
-    gen = torch.Generator().manual_seed(m)
-    k, n, group = 256, 192, 128
+def random_awq(k, n, group, seed):
+    gen = torch.Generator().manual_seed(seed)
     qweight, qzeros, scales = int4.quantize(torch.randn(n, k, generator=gen), group_size=group)
+    return gen, qweight, qzeros, scales
+
+
+def check_against_dequantized(fn, m, k, n, group, dtype, seed):
+    """fn(x, qweight, qzeros, scales, group) on DEVICE against x @ int4.dequantize(...) in float32."""
+    if dtype != torch.float32 and INTERPRET:
+        pytest.skip("Triton's interpreter (numpy) has no bfloat16 arithmetic; the GPU run covers it")
+    gen, qweight, qzeros, scales = random_awq(k, n, group, seed)
     x = torch.randn(m, k, generator=gen).to(dtype)
-    want = x.float() @ int4.dequantize(qweight, qzeros, scales, group).float()
-    got = kernels.awq_matmul(x.to(DEVICE), qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), group)
-    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    want = x.float() @ int4.dequantize(qweight, qzeros, scales, group)
+    got = fn(x.to(DEVICE), qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), group)
+    assert got.shape == (m, n) and got.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+# K = 4 groups of 32 and N = 72 (not a multiple of the interpreter's 64-column block): several K splits (the
+# interpreter counts 4 multiprocessors), a masked N block, and every nibble position of the AWQ order.
+@needs_triton
+@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_awq_gemv_equals_dequantized_matmul(m, dtype):
+    check_against_dequantized(int4_kernels.awq_gemv, m, 128, 72, 32, dtype, seed=m)
+
+
+@needs_triton
+@pytest.mark.parametrize("m", [12, 70])  # 12: split over K with atomics; 70 (> SPLIT_MAX_M): one split, stored
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernels_awq_matmul_equals_dequantized_matmul(m, dtype):
+    check_against_dequantized(int4_kernels.awq_matmul, m, 128, 72, 32, dtype, seed=m)
+
+
+@needs_triton
+def test_awq_gemv_with_group_128_and_splits_across_groups():
+    # N = 56: one (masked) block, so four splits of 64 rows, two of which start inside a group of 128
+    check_against_dequantized(int4_kernels.awq_gemv, 1, 256, 56, 128, torch.float32, seed=7)
+
+
+def test_split_count_covers_k_without_an_empty_split():
+    for n, k, unit, block_n, programs in [(5120, 25600, 8, 1024, 1056), (51200, 5120, 8, 512, 2112),
+                                          (5120, 8192, 8, 512, 1056), (72, 128, 8, 64, 4), (64, 64, 64, 64, 1000)]:
+        split = int4_kernels.split_count(n, k, unit, block_n, programs)
+        units = k // unit
+        per_split = -(-units // split)  # as the kernels compute it
+        assert 1 <= split <= units and (split - 1) * per_split < units <= split * per_split
+
+
+@needs_triton
+def test_awq_linear_dispatches_by_rows_and_adds_the_bias(monkeypatch):
+    """AWQLinear on the Triton path (forced on in the interpreter): decode-sized inputs go through awq_gemv,
+    larger ones through awq_matmul, both equal to the dequantized layer."""
+    monkeypatch.setattr(int4_kernels, "available", lambda device: True)
+    calls = []
+    for name in ("awq_gemv", "awq_matmul"):
+        real = getattr(int4_kernels, name)
+        monkeypatch.setattr(int4_kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    layer = int4.AWQLinear(128, 72, group_size=32, bias=True)
+    gen, qweight, qzeros, scales = random_awq(128, 72, 32, seed=3)
+    layer.qweight.copy_(qweight)
+    layer.qzeros.copy_(qzeros)
+    layer.scales.copy_(scales)
+    layer.bias.data.normal_(generator=gen)
+    layer = layer.to(DEVICE)
+    w = int4.dequantize(qweight, qzeros, scales, 32)
+    for rows in [(1, 1), (2, 2), (3, 4)]:  # 1 and 4 rows: the gemv; 12: the matmul
+        x = torch.randn(*rows, 128, generator=gen)
+        want = x @ w + layer.bias.float().cpu()
+        torch.testing.assert_close(layer(x.to(DEVICE)).cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert calls == ["awq_gemv", "awq_gemv", "awq_matmul"]
 
 
 def test_awq_linear_uses_the_same_weights_on_every_path():
@@ -97,7 +158,8 @@ def test_an_awq_checkpoint_loads_and_equals_its_dequantized_model(tiny_model_fac
 
     reference = write_awq_checkpoint(tiny_model_factory("qwen3"), tmp_path / "awq")
     model = StaticKVModel.from_pretrained(tmp_path / "awq", "cpu", torch.float32)
-    assert isinstance(model.model.layers[0].self_attn.q_proj, int4.AWQLinear)
+    attn = model.model.layers[0].self_attn
+    assert isinstance(getattr(attn, "qkv_proj", None) or attn.q_proj, int4.AWQLinear)  # fused q/k/v, or not
     model.allocate(1, 64)
     ids = torch.arange(5, 45)[None]
     with torch.no_grad():

@@ -1,5 +1,6 @@
-"""int4 weights in the AWQ "GEMM" layout (what Qwen/Qwen3-32B-AWQ ships), with a Triton matmul that dequantizes
-inside the kernel, so a 32B model's weights are read from memory as 4 bits per value.
+"""int4 weights in the AWQ "GEMM" layout (what Qwen/Qwen3-32B-AWQ ships), with Triton kernels that dequantize
+inside the kernel (int4_kernels.py: a split-K gemv for decode, a tiled matmul for prefill), so a 32B model's weights
+are read from memory as 4 bits per value.
 
 Layout, per linear layer with in_features K and out_features N, group size g:
 - qweight int32 [K, N/8]: eight 4-bit values per int32 along the output dimension; value n sits in nibble
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels
+from . import int4_kernels
 
 AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble of output column n % 8 inside its int32
 
@@ -63,7 +64,8 @@ def quantize(weight: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor,
 
 
 class AWQLinear(nn.Module):
-    """A linear layer with int4 AWQ weights: the Triton kernel on a GPU, dequantize-then-matmul elsewhere."""
+    """A linear layer with int4 AWQ weights: the Triton kernels on a GPU (int4_kernels.awq_linear picks the decode
+    or the prefill kernel by the number of rows), dequantize-then-matmul elsewhere."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False):
         super().__init__()
@@ -76,8 +78,8 @@ class AWQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if kernels.available(x.device):
-            y = kernels.awq_matmul(x2, self.qweight, self.qzeros, self.scales, self.group_size)
+        if int4_kernels.available(x.device):
+            y = int4_kernels.awq_linear(x2, self.qweight, self.qzeros, self.scales, self.group_size)
         else:
             y = x2 @ dequantize(self.qweight, self.qzeros, self.scales, self.group_size).to(x.dtype)
         if self.bias is not None:

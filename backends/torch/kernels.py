@@ -105,60 +105,6 @@ if triton is not None:
             tl.debug_barrier()
 
 
-if triton is not None:
-
-    @triton.jit
-    def _awq_matmul_kernel(
-        x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr,
-        M, N, K,
-        stride_xm, stride_qw, stride_qz, stride_s, stride_om,
-        group: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        word = n // 8
-        j = n % 8
-        shift = ((j % 2) * 4 + j // 2) * 4  # AWQ's interleaved nibble order (int4.AWQ_ORDER)
-        m_ok = m < M
-        n_ok = n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides the group: one zero/scale row per block
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
-            packed = tl.load(qw_ptr + k[:, None] * stride_qw + word[None, :], mask=n_ok[None, :], other=0)
-            q = (packed >> shift[None, :]) & 0xF
-            g = k0 // group
-            zp = tl.load(qz_ptr + g * stride_qz + word, mask=n_ok, other=0)
-            z = (zp >> shift) & 0xF
-            scale = tl.load(s_ptr + g * stride_s + n, mask=n_ok, other=0.0).to(tl.float32)
-            w = ((q - z[None, :]).to(tl.float32) * scale[None, :]).to(x.dtype)
-            acc += tl.dot(x, w)
-        tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
-
-
-def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, block_n: int = 64) -> torch.Tensor:
-    """x [M, K] @ the int4 AWQ weight [K, N] (see int4.py), dequantized inside the kernel → [M, N] in x's dtype."""
-    m, k = x.shape
-    n = scales.shape[1]
-    block_k = min(64, group_size)
-    if group_size % block_k or k % group_size:
-        raise ValueError(f"in_features {k} and group size {group_size} must be multiples of {block_k}")
-    x = x.contiguous()
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    block_m = 16  # tl.dot's smallest tile; a decode step's single row is masked
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _awq_matmul_kernel[grid](
-        x, qweight, qzeros, scales, out, m, n, k,
-        x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-        group=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
-    return out
-
-
 def score_keys(keys: torch.Tensor, virtual_query: torch.Tensor, magnitude_weight: torch.Tensor,
                pairing: str = "half") -> torch.Tensor:
     """keys [R, kv_heads, T, D] (any float dtype; T may be a prefix of a larger buffer) → scores [R, heads, T]
