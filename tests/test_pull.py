@@ -23,6 +23,7 @@ from triattn_local.errors import UserError
 CLI = [sys.executable, "-m", "triattn_local.cli"]
 TINY = "triattn-test/tiny"  # published stats
 BARE = "triattn-test/tiny-bare"  # no stats: pull calibrates
+AWQ = "triattn-test/tiny-AWQ"  # int4 AWQ weights, no stats
 REGISTRY = {
     "models": {
         "tiny": {"description": "tiny test model", "default": {"torch": "f32"},
@@ -32,8 +33,10 @@ REGISTRY = {
                                                    "quant": "q8_0"}}}},
         "tiny-bare": {"description": "tiny test model without stats", "default": {"torch": "f32", "mlx": "f32"},
                       "tags": {"f32": {"torch": {"repo": BARE, "quant": "f32"}, "mlx": {"repo": BARE, "quant": "f32"}}}},
+        "tiny-awq": {"description": "tiny test model in AWQ int4", "default": {"torch": "q4"},
+                     "tags": {"q4": {"torch": {"repo": AWQ, "quant": "AWQ int4"}}}},
     },
-    "aliases": {},
+    "aliases": {"tiny-int4": "tiny-awq:q4"},  # as qwen3-32b-int4 → qwen3-32b:q4
 }
 
 
@@ -217,6 +220,27 @@ def test_pull_calibrates_then_run_works_offline(env, hub, backend):
     assert run.returncode == 0, run.stderr
     assert "calibrating" not in run.stderr and "tok/s" in run.stderr.splitlines()[-1]
     assert len(hub.log) == requests_before  # nothing asked of the Hub
+
+
+def test_pull_an_awq_model_by_alias_then_run_it(env, hub, tiny_model_factory, tmp_path):
+    """qwen3-32b-int4 on torch in small: an AWQ int4 repo pulled under an alias (calibrated at pull time through the
+    static-cache model, which is what loads AWQ), then run offline with TriAttention."""
+    from test_int4 import write_awq_checkpoint
+    from triattn_local.backends import installed
+
+    if not installed("torch"):
+        pytest.skip("the torch backend is not installed")
+    write_awq_checkpoint(tiny_model_factory("qwen3"), tmp_path / "awq", group=32)
+    hub.add_repo(AWQ, tmp_path / "awq")
+    r = env.subprocess("pull", "tiny-int4", "--calibration-tokens", "300", "--backend", "torch")
+    assert r.returncode == 0, r.stderr
+    assert "stats: calibrated here on 300 tokens" in r.stderr
+    run = env.subprocess("run", "tiny-int4", "Count to three.", "--max-tokens", "30", "--temperature", "0",
+                         "--budget", "24", "--divide-length", "8", "--window", "4", "--backend", "torch",
+                         HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    assert run.returncode == 0, run.stderr
+    summary = run.stderr.splitlines()[-1]
+    assert "calibrating" not in run.stderr and "tok/s" in summary and " 0 compression rounds" not in summary
 
 
 @pytest.fixture(scope="module")

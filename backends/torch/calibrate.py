@@ -1,9 +1,11 @@
-"""Measure pre-RoPE query statistics of a transformers model on calibration text.
+"""Measure pre-RoPE query statistics of a transformers model (or a StaticKVModel, e.g. an AWQ checkpoint) on
+calibration text.
 
 TriAttention scores keys with, per (layer, query head, frequency pair f), the complex mean E[q_f] and the mean
 magnitude E|q_f| of the queries *before* RoPE. We run the text through the model and capture those queries with
-forward hooks: after q_norm where the model has one (Qwen3), else straight from q_proj. (The reference calibration
-skipped Qwen3's q_norm; the attention actually rotates the normed query, so that is what we must measure.)
+forward hooks: after q_norm where the model has one (Qwen3, and every StaticKVModel: an identity where the
+architecture has none), else straight from q_proj. (The reference calibration skipped Qwen3's q_norm; the attention
+actually rotates the normed query, so that is what we must measure.)
 """
 
 from __future__ import annotations
@@ -49,10 +51,12 @@ class _QueryAccumulator:
 def _query_module(layer, index: int):
     """The module whose output is the pre-RoPE query: q_norm if the attention has one, else q_proj."""
     attn = getattr(layer, "self_attn", None)
+    q_norm = getattr(attn, "q_norm", None)
+    if q_norm is not None:
+        return q_norm
     if attn is None or not hasattr(attn, "q_proj"):
         raise UserError(f"layer {index} has no self_attn.q_proj: this model architecture is not supported")
-    q_norm = getattr(attn, "q_norm", None)
-    return q_norm if q_norm is not None else attn.q_proj
+    return attn.q_proj
 
 
 def _cache_kwarg(base_model) -> str:
@@ -71,12 +75,16 @@ def calibrate(
     chunk_tokens: int = 2048,
     progress: bool = True,
 ) -> QueryStats:
-    """Run the text through the model in chunks (one growing KV cache) and return its pre-RoPE query stats."""
+    """Run the text through the model in chunks (one growing KV cache; a StaticKVModel gets a static cache of
+    the text's length for the run) and return its pre-RoPE query stats."""
     from transformers import DynamicCache
+
+    from .static_model import StaticKVModel
 
     if chunk_tokens < 1:
         raise UserError(f"chunk size must be at least 1 token (got {chunk_tokens})")
-    shape = ModelShape.from_hf_config(model.config.to_dict())
+    static = isinstance(model, StaticKVModel)
+    shape = ModelShape.from_hf_config(model.cfg if static else model.config.to_dict())
     inv_freq, freq_scale = shape.rope_frequencies()
     ids = calibration_token_ids(tokenizer, text, max_tokens)
     n = len(ids)
@@ -91,22 +99,34 @@ def calibrate(
         raise UserError(f"model has {len(layers)} layers, its config says {shape.num_layers}")
     accs = [_QueryAccumulator(shape.num_heads, shape.head_dim) for _ in layers]
     handles = []
+    # A StaticKVModel's cache buffers are a runner's: put back afterwards. Its fused decode step (one-token chunks)
+    # would skip the q_norm module the hooks watch: off while calibrating.
+    saved = (model.k_cache, model.v_cache, getattr(model, "fused_decode", False)) if static else None
     try:
         for i, (layer, acc) in enumerate(zip(layers, accs)):
             handles.append(_query_module(layer, i).register_forward_hook(acc.hook))
         device = next(model.parameters()).device
         all_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        cache_kw = _cache_kwarg(base)
+        cache_kw = None if static else _cache_kwarg(base)
         with torch.inference_mode(), calibration_progress(progress, n) as advance:
-            cache = DynamicCache(config=model.config)
+            if static:
+                model.allocate(1, n)
+                model.fused_decode = False
+            else:
+                cache = DynamicCache(config=model.config)
             for start in range(0, n, chunk_tokens):
                 chunk = all_ids[:, start : start + chunk_tokens]
                 positions = torch.arange(start, start + chunk.shape[1], device=device).unsqueeze(0)
-                base(input_ids=chunk, position_ids=positions, use_cache=True, **{cache_kw: cache})
+                if static:  # slot = position: the text fills the cache from slot 0
+                    model(chunk, positions[0], positions[0])
+                else:
+                    base(input_ids=chunk, position_ids=positions, use_cache=True, **{cache_kw: cache})
                 advance(chunk.shape[1])
     finally:
         for h in handles:
             h.remove()
+        if static:
+            model.k_cache, model.v_cache, model.fused_decode = saved
 
     for i, acc in enumerate(accs):
         if acc.tokens != n:

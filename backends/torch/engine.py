@@ -122,25 +122,47 @@ class TorchEngine(Engine):
                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        quant = config.get("quantization_config") or {}
+        # AWQ int4 checkpoints (e.g. Qwen/Qwen3-32B-AWQ): transformers cannot load them without extra packages, so
+        # they load straight into the static-cache model, which serves TriAttention and full attention.
+        self.awq = str(quant.get("quant_method", "")).lower() == "awq"
+        self.model = None  # the transformers model (None for an AWQ checkpoint)
+        self._static_model = None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype).to(self.device).eval()
-        except (OSError, ValueError) as e:
-            raise UserError(f"{model_path}: cannot load the model ({str(e).splitlines()[0]})") from None
+            if self.awq:
+                self._static_model = self._load_awq(path)
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype).to(self.device).eval()
+        except (OSError, ValueError, ImportError) as e:  # ImportError: a quantization that needs another package
+            raise UserError(f"{model_path}: cannot load the model ({_first_line(e)})") from None
         from .calibrate import _cache_kwarg
 
-        self.cache_kwarg = _cache_kwarg(self.model)  # an older transformers would silently ignore `cache=`
+        # an older transformers would silently ignore `cache=`
+        self.cache_kwarg = None if self.model is None else _cache_kwarg(self.model)
         self.model_id = str(path)
         self.model_path = path
         s = self.shape
         self.kv_bytes_per_token = 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
         self.context_length = s.max_position_embeddings
         # The bounded static cache + CUDA graph path serves TriAttention on CUDA; transformers' DynamicCache the rest.
-        self.static_cache = self.device == "cuda" if static_cache is None else static_cache
-        self._static_model = None
+        self.static_cache = self.awq or (self.device == "cuda" if static_cache is None else static_cache)
+
+    def _load_awq(self, path: Path):
+        from .static_model import StaticKVModel
+
+        try:
+            model = StaticKVModel.from_pretrained(path, self.device, self.dtype)
+        except ValueError as e:  # unsupported quantization (not 4-bit GEMM), weights that do not match the config
+            raise UserError(f"{path}: {_first_line(e)}") from None
+        except (RuntimeError, TypeError) as e:  # e.g. a dtype or a size this device cannot take
+            raise UserError(f"{path}: cannot load the AWQ model on {self.device} in {str(self.dtype)[6:]} "
+                            f"({_first_line(e)})") from None
+        return model
 
     def static_model(self):
-        """The model as a StaticKVModel (same weight tensors), built on first use."""
+        """The model as a StaticKVModel (same weight tensors as the transformers model), built on first use; an AWQ
+        checkpoint is loaded as one."""
         if self._static_model is None:
             from .static_model import StaticKVModel
 
@@ -148,9 +170,20 @@ class TorchEngine(Engine):
         return self._static_model
 
     def new_runner(self, scorer: KeyScorer | None = None, capacity: int | None = None):
-        """A runner; with a known capacity (TriAttention's B + N) and the static path on, the bounded-cache runner."""
-        if self.static_cache and capacity and isinstance(scorer, TriAttentionScorer) \
-                and scorer.offset_aggregation == "mean":
+        """A runner; with a known capacity (TriAttention's B + N) and the static path on, the bounded-cache runner.
+        An AWQ model has only the static path: TriAttention (bounded, or growing without a capacity) and full
+        attention (a cache that grows)."""
+        triattention = isinstance(scorer, TriAttentionScorer) and scorer.offset_aggregation == "mean"
+        if self.awq:
+            if scorer is None or triattention:
+                from .static_runner import StaticRunner
+
+                return StaticRunner(self.static_model(), capacity if triattention else None)
+            what = (f"{scorer.method}" if isinstance(scorer, BaselineScorer)
+                    else f"TriAttention with {scorer.offset_aggregation} offset aggregation")
+            raise UserError(f"{self.model_id}: {what} needs the transformers path, which cannot load AWQ "
+                            "checkpoints; this model runs TriAttention (the default) or full attention (--no-compress)")
+        if self.static_cache and capacity and triattention:
             from .static_runner import StaticRunner
 
             return StaticRunner(self.static_model(), capacity)
@@ -163,5 +196,10 @@ class TorchEngine(Engine):
     def calibrate(self, text: str, progress: bool = True, max_tokens: int | None = None):
         from .calibrate import calibrate
 
-        return calibrate(self.model, self.tokenizer, text, model_id=self.model_id, max_tokens=max_tokens,
+        model = self.static_model() if self.awq else self.model
+        return calibrate(model, self.tokenizer, text, model_id=self.model_id, max_tokens=max_tokens,
                          progress=progress)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

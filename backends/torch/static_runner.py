@@ -6,6 +6,8 @@ with the torch forms of the kernels, which is how CI checks it against the trans
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -24,13 +26,15 @@ class StaticRunner:
     initial_capacity = 4096
 
     def __init__(self, model: StaticKVModel, capacity: int | None, use_graph: bool | None = None):
-        self.model = model
+        # A shallow copy: the same modules and weights, but this runner's own cache buffers (k_cache, v_cache are
+        # plain attributes), so that sessions of one engine (the server's conversations) never share a cache.
+        self.model = copy.copy(model)
         self.grows = capacity is None
         self.capacity = capacity or 0  # a growing runner allocates on its first forward
         self.device = model.lm_head.weight.device
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
         self.use_kernels = kernels.available(self.device)
-        model.fused_decode = self.use_kernels  # the fused Triton decode step (decode_kernels.py)
+        self.model.fused_decode = self.use_kernels  # the fused Triton decode step (decode_kernels.py)
         self.batch = 0
         self.step: GraphedDecodeStep | None = None
         self.reset()
