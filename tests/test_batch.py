@@ -56,8 +56,8 @@ def watch_forwards(engine, monkeypatch):
     seen = []
     make = engine.new_runner
 
-    def new_runner(scorer=None):
-        runner = make(scorer)
+    def new_runner(scorer=None, capacity=None):
+        runner = make(scorer, capacity)
         forward = runner.forward
 
         def watched(token_ids, start_position):
@@ -201,3 +201,26 @@ def test_batch_on_cuda(dtype, tiny_model_factory):
                 assert results[i].metrics.peak_retained_tokens == 40 and len(rounds[i]) >= 2
         print(f"cuda {dtype} {method}: {same}/{len(prompts)} rows as alone")
         assert same == len(prompts) if dtype == "float32" else same >= len(prompts) // 2, method
+
+
+@pytest.mark.parametrize("mode", ["per_head", "per_layer_head"])
+def test_a_batch_on_the_static_cache_runner_equals_the_transformers_path(mode, tiny_model_factory):
+    """generate_batch on the bounded static-cache runner (rounds planned on its device for every row at once):
+    the same tokens and kept positions as on transformers' cache with rounds planned row by row on the host."""
+    from triattn_local.backends.torch.engine import TorchEngine
+    from triattn_local.backends.torch.static_runner import StaticRunner
+
+    path = str(tiny_model_factory("qwen3"))
+    static = TorchEngine(path, device="cpu", dtype="float32", static_cache=True)
+    dynamic = TorchEngine(path, device="cpu", dtype="float32", static_cache=False)
+    policy = BudgetPolicy(32, 8, 8, 2, pruning_mode=mode)
+    prompts = prompts_of(50, 3)
+    params = SamplingParams(max_tokens=30, temperature=0)
+    s = settings(static, "triattention", policy)
+    from triattn_local.scorer import TriAttentionScorer
+
+    assert isinstance(static.new_runner(TriAttentionScorer(s.stats), policy.capacity), StaticRunner)
+    got, got_rounds = batched(static, prompts, s, params)
+    want, want_rounds = batched(dynamic, prompts, settings(dynamic, "triattention", policy), params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert got_rounds == want_rounds and all(len(r) >= 2 for r in got_rounds.values())

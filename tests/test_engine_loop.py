@@ -44,7 +44,7 @@ class ScriptedEngine(Engine):
         self.tokenizer = CharTokenizer()
         self.script = script
 
-    def new_runner(self, scorer=None):
+    def new_runner(self, scorer=None, capacity=None):
         return ScriptedRunner(self.script)
 
     def new_sequence_runner(self, scorer=None, capacity=None):

@@ -114,7 +114,7 @@ class ScriptedEngine(Engine):
         self.turn += 1
         return reply
 
-    def new_runner(self, scorer=None) -> ScriptedRunner:
+    def new_runner(self, scorer=None, capacity=None) -> ScriptedRunner:
         return ScriptedRunner(self)
 
     def session(self, compression=None) -> Session:

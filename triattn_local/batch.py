@@ -86,7 +86,7 @@ def generate_batch(engine: Engine, prompts: list[list[int]], settings: Compressi
     scorer = make_scorer(settings, engine.shape) if settings.enabled else None
     rows = [_Row(i, engine, settings, scorer, params, length) for i in range(len(prompts))]
     active = list(rows)  # the runner's batch, in order
-    runner = engine.new_runner(scorer)
+    runner = engine.new_runner(scorer, settings.policy.capacity if settings.enabled else None)
     runner.reset()
     eos = engine.eos_token_ids()
     logical = 0  # tokens every active row has been fed
@@ -107,14 +107,19 @@ def generate_batch(engine: Engine, prompts: list[list[int]], settings: Compressi
                 for row in active:
                     row.state.appended(chunk.shape[1])
                 if lead.needs_compression():
-                    scores = runner.head_scores(scorer, lead.round_start)  # [B, layers, heads, T]
-                    keep = []
-                    for row, row_scores in zip(active, scores):
-                        row_keep, record = row.state.plan(row_scores)
-                        keep.append(row_keep)
-                        if on_round is not None:
+                    if hasattr(runner, "compress"):  # the runner plans every row's round on its device
+                        records = runner.compress([row.state for row in active], scorer)
+                    else:
+                        scores = runner.head_scores(scorer, lead.round_start)  # [B, layers, heads, T]
+                        keep, records = [], []
+                        for row, row_scores in zip(active, scores):
+                            row_keep, record = row.state.plan(row_scores)
+                            keep.append(row_keep)
+                            records.append(record)
+                        runner.compact(np.stack(keep))
+                    if on_round is not None:
+                        for row, record in zip(active, records):
                             on_round(row.index, record)
-                    runner.compact(np.stack(keep))
         return logits
 
     def finish(row: _Row, reason: str | None = None) -> None:

@@ -168,13 +168,15 @@ class Engine(ABC):
         return "per_head" if "per_head" in self.pruning_modes else self.pruning_modes[0]
 
     @abstractmethod
-    def new_runner(self, scorer: KeyScorer | None = None) -> ModelRunner:
-        """A runner for a batch of sequences, recording from the start what scorer needs (e.g. recent queries)."""
+    def new_runner(self, scorer: KeyScorer | None = None, capacity: int | None = None) -> ModelRunner:
+        """A runner for a batch of sequences, recording from the start what scorer needs (e.g. recent queries);
+        capacity: the most slots each row's cache will hold (B + N with compression), for backends that
+        preallocate."""
 
     def new_sequence_runner(self, scorer: KeyScorer | None = None, capacity: int | None = None) -> SequenceRunner:
         """A runner for one sequence (a backend may return a subclass that also exposes its cache for inspection).
         capacity: the most slots the cache will ever hold (B + N with compression), for backends that preallocate."""
-        return SequenceRunner(self.new_runner(scorer))
+        return SequenceRunner(self.new_runner(scorer, capacity))
 
     def session(self, compression: CompressionSettings | None = None) -> "Session":
         return Session(self, compression or CompressionSettings(policy=None))
