@@ -133,3 +133,15 @@ def test_fused_decode_step_equals_the_unfused_forward(arch, tiny_model_factory):
         model.allocate(2, 48)
         mine = model(prompt, torch.arange(100, 120, device=DEVICE), torch.arange(20, device=DEVICE))
     torch.testing.assert_close(mine, ref[:, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(100, 96), (7, 1500)])
+def test_gemv_equals_a_linear_layer(dtype, n, k):
+    gen = torch.Generator().manual_seed(n)
+    layer = torch.nn.Linear(k, n, bias=True).to(DEVICE, dtype)
+    x = torch.randn(1, k, generator=gen).to(DEVICE, dtype)
+    torch.testing.assert_close(dk.gemv(x, layer.weight), x @ layer.weight.t(), **tol(dtype))
+    if dtype != torch.float32:  # dk.linear routes half-precision single rows through gemv, others to the module
+        torch.testing.assert_close(dk.linear(x, layer), layer(x), **tol(dtype))
+    torch.testing.assert_close(dk.linear(x.expand(3, -1), layer), layer(x.expand(3, -1)), rtol=0, atol=0)

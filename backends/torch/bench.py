@@ -3,8 +3,8 @@ HF transformers (eager, DynamicCache) as the familiar baseline, all in one proce
 
 Decode speed depends on shapes, not on weight values, so the weights are random and the cache is filled with random
 keys and values up to the context length instead of running a prefill. Full KV attends over `context` slots;
-TriAttention keeps `budget` slots and every `divide_length` steps scores them (Triton), plans the round (the core
-policy, on the host) and compacts in place, between CUDA-graph replays. The time of those rounds is included in the
+TriAttention keeps `budget` slots and every `divide_length` steps scores them (Triton), plans the round (plan.py,
+the core policy's torch form, on the GPU) and compacts in place, between CUDA-graph replays. The time of those rounds is included in the
 TriAttention step time and reported as its share.
 
 Roofline: a decode step must read every weight and every cached K/V once; (weight bytes + KV bytes) / the measured
@@ -134,7 +134,7 @@ def _fill(model, batch: int, slots: int) -> None:
 
 
 @torch.inference_mode()
-def bench_static(base: "StaticKVModel", shape_stats, batch: int, context: int, budget: int | None, divide_length: int,
+def bench_static(base, shape_stats, batch: int, context: int, budget: int | None, divide_length: int,
                  steps: int, bandwidth: float) -> BenchRow:
     """Our decode path: full KV (budget None, capacity context + steps) or TriAttention (capacity B + N)."""
     from ...compression import CompressionState
@@ -157,50 +157,52 @@ def bench_static(base: "StaticKVModel", shape_stats, batch: int, context: int, b
         states = [CompressionState(policy, scorer, model.num_layers, model.kv_heads) for _ in range(batch)]
         state = states[0]
     runner = StaticRunner(model, capacity, use_graph=True)
-    runner._ensure_batch(batch)
-    filled = context if budget is None else budget
-    _fill(model, batch, filled)
-    runner.length = filled
-    for state in states if budget is not None else []:  # each row holds `budget` slots of a `context`-token sequence
-        state.positions = np.broadcast_to(np.arange(context - budget, context), (model.num_layers, model.kv_heads,
-                                                                                  budget)).copy()
-        state._next = context
-    tokens = torch.randint(0, model.cfg["vocab_size"], (batch, 1), device=device)
-    position = context
-    compress_s = 0.0
-    first = None
-    torch.cuda.synchronize()
-    t_start = time.perf_counter()
-    for i in range(steps):
-        logits = runner.step(tokens, position, runner.length)
-        tokens = logits.argmax(-1, keepdim=True)
-        runner.length += 1
-        position += 1
-        if first is None:
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            t_start = time.perf_counter()  # steady state from the second step on
-        if state is not None:
-            for s in states:
-                s.appended(1)
-            if state.needs_compression():  # rows advance in lockstep: they all need a round now
+    model = runner.model  # the runner's own view of the weights, holding its cache
+    try:
+        runner._ensure_batch(batch)
+        filled = context if budget is None else budget
+        _fill(model, batch, filled)
+        runner.length = filled
+        for state in states if budget is not None else []:  # each row holds `budget` slots of a `context`-token sequence
+            state.positions = np.broadcast_to(np.arange(context - budget, context), (model.num_layers, model.kv_heads,
+                                                                                      budget)).copy()
+            state._next = context
+        tokens = torch.randint(0, model.cfg["vocab_size"], (batch, 1), device=device)
+        position = context
+        compress_s = 0.0
+        first = None
+        torch.cuda.synchronize()
+        t_start = time.perf_counter()
+        for i in range(steps):
+            logits = runner.step(tokens, position, runner.length)
+            tokens = logits.argmax(-1, keepdim=True)
+            runner.length += 1
+            position += 1
+            if first is None:
                 torch.cuda.synchronize()
-                tc = time.perf_counter()
-                runner.compress(states, scorer)  # scored, chosen and compacted on the GPU
-                torch.cuda.synchronize()
-                compress_s += time.perf_counter() - tc
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t_start
-    step = elapsed / (steps - 1)
-    kv_bytes = model.k_cache[:, :, :, : runner.length].numel() * model.k_cache.element_size() * 2
-    weights = weight_bytes(model)
-    read_kv = model.k_cache.numel() * model.k_cache.element_size() * 2
-    roofline = (weights + read_kv) / bandwidth
-    row = BenchRow("full" if budget is None else "triattention", batch, context, budget, step * 1e3, 1 / step,
-                   batch / step, torch.cuda.max_memory_allocated() / 2**30, kv_bytes / 2**30,
-                   compress_s / elapsed if budget else 0.0, roofline * 1e3, roofline / step, first)
-    model.k_cache = model.v_cache = None
-    del runner
+                first = time.perf_counter() - t0
+                t_start = time.perf_counter()  # steady state from the second step on
+            if state is not None:
+                for s in states:
+                    s.appended(1)
+                if state.needs_compression():  # rows advance in lockstep: they all need a round now
+                    torch.cuda.synchronize()
+                    tc = time.perf_counter()
+                    runner.compress(states, scorer)  # scored, chosen and compacted on the GPU
+                    torch.cuda.synchronize()
+                    compress_s += time.perf_counter() - tc
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t_start
+        step = elapsed / (steps - 1)
+        kv_bytes = model.k_cache[:, :, :, : runner.length].numel() * model.k_cache.element_size() * 2
+        weights = weight_bytes(model)
+        read_kv = model.k_cache.numel() * model.k_cache.element_size() * 2
+        roofline = (weights + read_kv) / bandwidth
+        row = BenchRow("full" if budget is None else "triattention", batch, context, budget, step * 1e3, 1 / step,
+                       batch / step, torch.cuda.max_memory_allocated() / 2**30, kv_bytes / 2**30,
+                       compress_s / elapsed if budget else 0.0, roofline * 1e3, roofline / step, first)
+    finally:  # an out-of-memory row must not leave its cache and graph behind for the next one
+        model.k_cache = model.v_cache = runner.step = None
     return row
 
 
@@ -279,7 +281,6 @@ def run_bench(shape: str, contexts: list[int], batches: list[int], budget: int, 
                         row = bench_static(model, stats, batch, context, budget if variant == "triattention"
                                            else None, divide_length, steps, bandwidth)
                 except torch.OutOfMemoryError:
-                    model.k_cache = model.v_cache = None  # a half-made cache must not starve the next row
                     torch.cuda.empty_cache()
                     row = BenchRow(variant, batch, context, budget if variant == "triattention" else None,
                                    *([None] * 9), note="out of memory")

@@ -10,7 +10,9 @@ These kernels merge them:
 - decode_attention: split-K attention of one query per row over the filled slots of the static cache (flash
   decoding), the GQA group's query heads sharing each key block; the number of filled slots is read on the GPU,
   so the shapes never change and the step can be captured in a CUDA graph;
-- silu_mul: SwiGLU's activation on the fused gate/up projection.
+- silu_mul: SwiGLU's activation on the fused gate/up projection;
+- gemv: a single row times a half-precision weight, for batch 1 (measured on an H200 it reads the weight 3–17 %
+  faster than cuBLAS on every Qwen3-8B/32B projection); larger batches keep cuBLAS.
 
 Generic Triton (sm_80 and newer, no Hopper-only instructions); tests/test_decode_kernels.py checks each against its
 torch form in Triton's interpreter on a CPU and on the GPU with TRIATTN_TEST_DEVICE=cuda.
@@ -32,6 +34,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_T = 64  # key slots per inner step of the attention kernel
 MIN_SPLIT = 4 * BLOCK_T  # a split shorter than this costs more to combine than it saves
 MAX_SPLITS = 64  # partial results the combining kernel holds at once
+PROGRAMS_PER_SM = 2  # attention programs per multiprocessor: more splits only add combining work (H200 sweep)
 
 
 if triton is not None:
@@ -174,6 +177,54 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=ok)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_w + k[None, :], mask=(n[:, None] < N) & k_ok[None, :],
+                        other=0.0)
+            x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+            acc += w.to(tl.float32) * x[None, :].to(tl.float32)
+        tl.store(out_ptr + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n < N)
+
+    # The configurations that won on the H200 for the Qwen3 projections (a short list keeps the first run's
+    # compile and tuning time small); the interpreter runs one.
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                     for bn, bk, w, st in [(2, 1024, 4, 4), (2, 1024, 4, 2), (4, 512, 4, 4), (4, 512, 4, 2),
+                                           (4, 1024, 8, 2), (16, 1024, 8, 2), (16, 1024, 8, 4)]]
+    if _INTERPRET:
+        _gemv = _gemv_kernel
+    else:
+        try:
+            _gemv = triton.autotune(_GEMV_CONFIGS, key=["N", "K"], cache_results=True)(_gemv_kernel)
+        except TypeError:  # a Triton without on-disk autotune results
+            _gemv = triton.autotune(_GEMV_CONFIGS, key=["N", "K"])(_gemv_kernel)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]ᵀ → [1, N] (nn.Linear's layout, no bias)."""
+    n, k = weight.shape
+    out = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    fixed = {"BLOCK_N": 4, "BLOCK_K": 64} if _INTERPRET else {}
+    _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, out, n, k, weight.stride(0), **fixed)
+    return out
+
+
+def linear(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """module(x) for a decode step: one half-precision row through gemv, anything else as the module computes it
+    (cuBLAS for several rows, the int4 kernels for AWQ layers)."""
+    if isinstance(module, torch.nn.Linear) and x.shape[0] == 1 and x.dtype in (torch.float16, torch.bfloat16) \
+            and module.weight.stride(-1) == 1:
+        y = gemv(x, module.weight)
+        return y if module.bias is None else y + module.bias
+    return module(x)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm of x [R, n], or, with a residual, of residual + x, which is also written back into `residual`."""
     out = torch.empty_like(x)
@@ -205,7 +256,7 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: t
 def attention_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -> tuple[int, int]:
     """(splits, slots per split): enough programs to keep every SM busy, each split a whole number of blocks."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = max(1, min(triton.cdiv(4 * sms, batch * kv_heads), triton.cdiv(capacity, MIN_SPLIT), MAX_SPLITS))
+    splits = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, batch * kv_heads), triton.cdiv(capacity, MIN_SPLIT), MAX_SPLITS))
     per_split = triton.cdiv(triton.cdiv(capacity, splits), BLOCK_T) * BLOCK_T
     return triton.cdiv(capacity, per_split), per_split
 

@@ -271,14 +271,14 @@ class StaticKVModel(nn.Module):
             h = dk.rms_norm(residual, ln.weight, ln.eps) if delta is None else \
                 dk.rms_norm(delta, ln.weight, ln.eps, residual=residual)
             norm = isinstance(attn.q_norm, RMSNorm)
-            q = dk.qk_norm_rope_cache(attn.qkv_proj(h), attn.q_norm.weight if norm else None,
+            q = dk.qk_norm_rope_cache(dk.linear(h, attn.qkv_proj), attn.q_norm.weight if norm else None,
                                       attn.k_norm.weight if norm else None, attn.q_norm.eps if norm else 0.0,
                                       cos, sin, self.k_cache[i], self.v_cache[i], slot, attn.heads)
             out = dk.decode_attention(q, self.k_cache[i], self.v_cache[i], slot, attn.scale)
-            delta = attn.o_proj(out.reshape(batch, -1))
+            delta = dk.linear(out.reshape(batch, -1), attn.o_proj)
             ln = layer.post_attention_layernorm
             h = dk.rms_norm(delta, ln.weight, ln.eps, residual=residual)
-            delta = mlp.down_proj(dk.silu_mul(mlp.gate_up_proj(h)))
+            delta = dk.linear(dk.silu_mul(dk.linear(h, mlp.gate_up_proj)), mlp.down_proj)
         h = dk.rms_norm(delta, self.model.norm.weight, self.model.norm.eps, residual=residual)
         return self.lm_head(h)
 
