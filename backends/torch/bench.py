@@ -4,8 +4,8 @@ HF transformers (eager, DynamicCache) as the familiar baseline, all in one proce
 Decode speed depends on shapes, not on weight values, so the weights are random and the cache is filled with random
 keys and values up to the context length instead of running a prefill. Full KV attends over `context` slots;
 TriAttention keeps `budget` slots and every `divide_length` steps scores them (Triton), plans the round (plan.py,
-the core policy's torch form, on the GPU) and compacts in place, between CUDA-graph replays. The time of those rounds is included in the
-TriAttention step time and reported as its share.
+the core policy's torch form, on the GPU) and compacts in place, between CUDA-graph replays. The time of those
+rounds is included in the TriAttention step time and reported as its share.
 
 Roofline: a decode step must read every weight and every cached K/V once; (weight bytes + KV bytes) / the measured
 copy bandwidth of the GPU is the fastest possible step.
