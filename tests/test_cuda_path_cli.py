@@ -64,3 +64,18 @@ def test_bench_rows_run_end_to_end_on_a_tiny_shape_without_a_gpu(monkeypatch):
     assert full.kv_gib * 2**30 == 2 * (600 + 40) * per_slot  # context + every decoded token
     assert tri.roofline_ms < full.roofline_ms and tri.step_ms > 0 and tri.first_token_s > 0
     assert model.k_cache is None  # the runners' caches are gone once their rows are measured
+
+
+def test_bench_takes_a_models_shape_from_its_config(tiny_model_factory, tmp_path):
+    from triattn_local.backends.torch import bench
+
+    path = tiny_model_factory("llama")
+    name = bench.add_model_shape("my-model", path)
+    assert bench.SHAPES[name]["hidden_size"] == 128 and bench.SHAPES[name]["architectures"] == ["LlamaForCausalLM"]
+    del bench.SHAPES[name]
+    assert_one_line_error(triattn("bench", str(tmp_path / "nothing-here")), "nothing-here")
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    assert_one_line_error(triattn("bench", str(tmp_path)), "not supported")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():  # a good model gets as far as looking for the GPU
+        assert_one_line_error(triattn("bench", str(path)), "CUDA")

@@ -278,7 +278,10 @@ def openclaw(
 
 @app.command()
 def bench(
-    shape: str = typer.Option("qwen3-8b", help="Model shape on random weights: qwen3-0.6b | qwen3-8b | qwen3-32b."),
+    model: Optional[str] = typer.Argument(None, help="A model (name or directory) whose shape to bench instead of "
+                                          "--shape; only its config.json is read."),
+    shape: str = typer.Option("qwen3-8b", help="Model shape on random weights: qwen3-0.6b | qwen3-8b | qwen3-32b | "
+                              "qwen3-32b-int4."),
     context: str = typer.Option("4096,32768", help="Comma-separated context lengths."),
     budget: int = typer.Option(2048, help="TriAttention KV budget."),
     divide_length: int = typer.Option(128, help="Compress every N tokens."),
@@ -301,8 +304,12 @@ def bench(
             batches = [int(b) for b in batch.split(",") if b.strip()]
         except ValueError:
             raise UserError("--context and --batch take comma-separated integers") from None
-        from .backends.torch.bench import SHAPES
+        from .backends.torch.bench import SHAPES, add_model_shape
 
+        if model is not None:
+            from .registry import resolve_model
+
+            shape = add_model_shape(model, resolve_model(model, backend="torch"))
         if shape not in SHAPES:
             raise UserError(f"unknown shape {shape!r} (choose from {', '.join(SHAPES)})")
         if min(contexts + batches) < 1 or steps < 2 or budget < 1:

@@ -43,6 +43,25 @@ SHAPES = {
 }
 
 
+def add_model_shape(name: str, model_dir: Path) -> str:
+    """Bench the shape of a model directory (its config.json; its weights are not read): registered under `name`
+    next to the built-in shapes, and returned."""
+    import json
+
+    from ...errors import UserError
+    from .engine import SUPPORTED_ARCHITECTURES
+
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{model_dir}: no config.json to take the model's shape from")
+    cfg = {k: v for k, v in json.loads(config_file.read_text()).items()
+           if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "auto_map")}
+    if not any(a in SUPPORTED_ARCHITECTURES for a in cfg.get("architectures") or []):
+        raise UserError(f"{model_dir}: architecture {cfg.get('architectures')} is not supported by the torch backend "
+                        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    SHAPES[name] = cfg
+    return name
+
 @dataclass
 class BenchRow:
     variant: str  # "triattention" | "full" | "hf-eager"
