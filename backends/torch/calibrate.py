@@ -112,6 +112,9 @@ def calibrate(
             if static:
                 model.allocate(1, n)
                 model.fused_decode = False
+                # its masked attention may take torch's math path, which holds a chunk × n score matrix per head:
+                # smaller chunks keep that within a 24 GB card next to a 32B model (the stats do not change)
+                chunk_tokens = min(chunk_tokens, 512)
             else:
                 cache = DynamicCache(config=model.config)
             for start in range(0, n, chunk_tokens):
