@@ -64,6 +64,8 @@ def test_bench_rows_run_end_to_end_on_a_tiny_shape_without_a_gpu(monkeypatch):
     assert full.kv_gib * 2**30 == 2 * (600 + 40) * per_slot  # context + every decoded token
     assert tri.roofline_ms < full.roofline_ms and tri.step_ms > 0 and tri.first_token_s > 0
     assert model.k_cache is None  # the runners' caches are gone once their rows are measured
+    line = bench.describe(tri)  # what the command prints per row
+    assert all(w in line for w in ("ms/step", "tok/s/stream", "tok/s total", "peak", "KV", "roofline", "compress"))
 
 
 def test_bench_takes_a_models_shape_from_its_config(tiny_model_factory, tmp_path):

@@ -321,7 +321,7 @@ def describe(r: BenchRow) -> str:
         extra = f", {100 * r.roofline_fraction:.0f}% of roofline, compress {100 * (r.compress_share or 0):.1f}%"
     return (f"{r.variant:12s} batch {r.batch:3d} ctx {r.context:6d}: {r.step_ms:.2f} ms/step, "
             f"{r.tok_s_per_stream:.1f} tok/s/stream, {r.tok_s_total:.0f} tok/s total, peak {r.peak_gpu_gib:.1f} GiB"
-            + extra)
+            + (f", KV {r.kv_gib:.2f} GiB" if r.kv_gib is not None else "") + extra)
 
 
 def write(rows: list[BenchRow], out: Path, meta: dict) -> None:
