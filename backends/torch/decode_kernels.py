@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from . import kernels
+
 try:
     import triton
     import triton.language as tl
@@ -255,8 +257,7 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: t
 
 def attention_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -> tuple[int, int]:
     """(splits, slots per split): enough programs to keep every SM busy, each split a whole number of blocks."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, batch * kv_heads)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * kernels.sm_count(device), batch * kv_heads)
     splits = max(1, min(wanted, triton.cdiv(capacity, MIN_SPLIT), MAX_SPLITS))
     per_split = triton.cdiv(triton.cdiv(capacity, splits), BLOCK_T) * BLOCK_T
     return triton.cdiv(capacity, per_split), per_split

@@ -174,19 +174,15 @@ class TorchEngine(Engine):
         An AWQ model has only the static path: TriAttention (bounded, or growing without a capacity) and full
         attention (a cache that grows)."""
         triattention = isinstance(scorer, TriAttentionScorer) and scorer.offset_aggregation == "mean"
-        if self.awq:
-            if scorer is None or triattention:
-                from .static_runner import StaticRunner
-
-                return StaticRunner(self.static_model(), capacity if triattention else None)
+        if self.awq and not (scorer is None or triattention):
             what = (f"{scorer.method}" if isinstance(scorer, BaselineScorer)
                     else f"TriAttention with {scorer.offset_aggregation} offset aggregation")
             raise UserError(f"{self.model_id}: {what} needs the transformers path, which cannot load AWQ "
                             "checkpoints; this model runs TriAttention (the default) or full attention (--no-compress)")
-        if self.static_cache and capacity and triattention:
+        if self.awq or (self.static_cache and capacity and triattention):
             from .static_runner import StaticRunner
 
-            return StaticRunner(self.static_model(), capacity)
+            return StaticRunner(self.static_model(), capacity if triattention else None)
         return TorchRunner(self, scorer)
 
     def new_sequence_runner(self, scorer: KeyScorer | None = None, capacity: int | None = None) -> SequenceRunner:

@@ -50,16 +50,6 @@ GEMV_MAX_M = 4
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # TRIATTN_INT4_AUTOTUNE=0: the first configuration of each list instead of autotuning (quick GPU test runs)
 _AUTOTUNE = not _INTERPRET and os.environ.get("TRIATTN_INT4_AUTOTUNE", "1") != "0"
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few splits, so that the tests exercise the split and the atomics
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
 
 
 def split_count(n: int, k: int, unit: int, block_n: int, programs: int) -> int:
@@ -301,7 +291,7 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     x = x.contiguous()
     out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     block_m = triton.next_power_of_2(m)
-    programs = _sm_count(x.device)
+    programs = kernels.sm_count(x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
                          split_count(n, k, 8, meta["BLOCK_N"], meta["WAVES"] * programs))
     if config is not None:  # one given configuration (benchmarks/int4_gemv.py --sweep)
@@ -337,7 +327,7 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     split = m <= SPLIT_MAX_M
     out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split else \
         torch.empty(m, n, device=x.device, dtype=x.dtype)
-    programs = _sm_count(x.device)
+    programs = kernels.sm_count(x.device)
 
     def grid(meta):
         tiles_m, tiles_n = triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])

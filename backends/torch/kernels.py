@@ -16,6 +16,7 @@ which is what lets a pre-allocated cache of capacity B+N stay at one address (fo
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,6 +35,19 @@ def available(device: torch.device | str) -> bool:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_capability(torch.device(device))[0] >= 8  # bf16 and Triton's sm_80 baseline
     return False  # on a CPU the torch forms are faster than Triton's interpreter (which the tests use directly)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of the device, for sizing split-K grids; 4 on a CPU (the interpreter: a few splits, so the
+    tests exercise the splitting)."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 if triton is not None:

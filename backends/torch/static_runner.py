@@ -58,7 +58,7 @@ class StaticRunner:
             self.model.allocate(batch, self.capacity)
             self.batch = batch
             self.step = GraphedDecodeStep(self.model, batch, self.use_graph) if self.use_graph else None
-            if self.use_kernels and self.device.type == "cuda":
+            if self.use_kernels and self.device.type == "cuda" and not self.grows:  # a growing cache never compresses
                 self._compile_kernels()
             if filled is not None:  # after the graph capture, whose warm-up steps write slot 0
                 self.model.k_cache[:, :, :, : self.length].copy_(filled[0])
