@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import resolve_target, unique_backup, write_atomic
 
 DEFAULT_MAX_TOKENS = 8192  # OpenClaw's own default output cap
 
@@ -66,29 +65,44 @@ def provider_entry(base: str, api_key: str | None) -> dict:
 
 def merge(config_path: Path, provider: str, entry: dict) -> Path | None:
     """Put the entry at models.providers.<provider> of the config file, keeping everything else; returns the
-    backup made of the old file (None when there was no file)."""
+    backup made of the old file (None when there was no file).
+
+    The file may hold other providers' keys: a new one is created 0600 (folder 0700), an existing one keeps its
+    mode, a symlinked one (dotfiles) stays a link, and the write goes through a temporary file and a rename."""
+    target = resolve_target(config_path)
     config: dict = {}
     backup = None
-    if config_path.exists():
-        text = config_path.read_text()
+    if target.is_dir():
+        raise UserError(f"{config_path} is a directory, not OpenClaw's config file")
+    if target.exists():
         try:
-            config = json.loads(text) if text.strip() else {}
+            text = target.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {config_path}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            config = json.loads(text, parse_constant=_refuse_constant) if text.strip() else {}
         except ValueError:
             raise UserError(f"{config_path} is not plain JSON (comments or JSON5?): add the entry printed by "
                             "`triattn openclaw` by hand") from None
         if not isinstance(config, dict):
             raise UserError(f"{config_path}: expected a JSON object at the top")
-        backup = config_path.with_name(f"{config_path.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.copy2(config_path, backup)
     models = config.setdefault("models", {})
     if not isinstance(models, dict) or not isinstance(models.setdefault("providers", {}), dict):
         raise UserError(f"{config_path}: 'models.providers' is not an object")
     models["providers"][provider] = entry
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = config_path.with_name(config_path.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(config_path)
+    try:  # 1e400 reads as inf, which JSON cannot write back (it would come out as the invalid `Infinity`)
+        data = json.dumps(config, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError:
+        raise UserError(f"{config_path} holds a number too large for a double (such as 1e400): it cannot be "
+                        "rewritten without changing it; add the entry printed by `triattn openclaw` by hand") from None
+    if target.exists():
+        backup = unique_backup(target)
+    write_atomic(target, data, private=True)
     return backup
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def openclaw_command(url: str, api_key: str | None, provider: str, write: bool, config: str) -> None:
