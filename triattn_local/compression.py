@@ -6,6 +6,7 @@ scorer and the budget policy when a round is due, and hands back which slots to 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,12 @@ class CompressionState:
         self.rounds = 0
         self.peak_retained = 0
         self._next = 0
+
+    def copy(self) -> "CompressionState":
+        """An independent copy (for cache snapshots): the same policy and scorer, its own slot positions."""
+        other = copy.copy(self)
+        other._slots = self._slots.copy()
+        return other
 
     @property
     def next_position(self) -> int:

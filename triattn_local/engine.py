@@ -64,6 +64,13 @@ class CompressionEvent:
 
 
 @dataclass
+class BoundaryEvent:
+    """The prompt has been run up to `position` (a cut asked for in generate): the session may be snapshotted now."""
+
+    position: int
+
+
+@dataclass
 class DoneEvent:
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
@@ -77,7 +84,7 @@ class DoneEvent:
         return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-Event = TokenEvent | TextEvent | KVEvent | CompressionEvent | DoneEvent
+Event = TokenEvent | TextEvent | KVEvent | CompressionEvent | BoundaryEvent | DoneEvent
 
 
 # ---- what a backend provides ----------------------------------------------------------------------------------
@@ -108,6 +115,9 @@ class ModelRunner(Protocol):
     def reset(self) -> None:
         """Empty the caches; the next forward sets the batch size."""
 
+    # Optional (prefix reuse in the server): save() → a copy of a batch of one's cache, or None where this runner
+    # cannot copy it; load(saved) → make this runner's cache a copy of a saved one (the saved copy stays intact).
+
 
 class SequenceRunner:
     """One sequence on a ModelRunner: a batch of one, called without the batch dimension (what Session uses).
@@ -129,6 +139,13 @@ class SequenceRunner:
 
     def reset(self) -> None:
         self.runner.reset()
+
+    def save(self):
+        save = getattr(self.runner, "save", None)
+        return save() if save is not None else None
+
+    def load(self, saved) -> None:
+        self.runner.load(saved)
 
 
 @dataclass
@@ -258,21 +275,46 @@ class Session:
         """Ask a running generate() to stop after the current step (thread-safe)."""
         self._cancel.set()
 
+    # -- snapshots (prefix reuse) --
+    def snapshot(self) -> "Snapshot | None":
+        """A copy of the cache and its bookkeeping as they are now, or None where the runner cannot copy its cache
+        (attention-recording baselines) or the policy looks at the whole prompt (--protect-prefill: a round before
+        this point depended on the length of the prompt that made it)."""
+        if self.state is not None and self.compression.policy.protect_prefill:
+            return None
+        saved = self.runner.save()
+        if saved is None:
+            return None
+        return Snapshot(saved, None if self.state is None else self.state.copy(), self.logical, self.peak,
+                        self.metrics())
+
+    def restore(self, snapshot: "Snapshot") -> None:
+        """Make this session's cache a copy of a snapshot (taken from a session with the same engine and settings);
+        the snapshot stays intact for other sessions."""
+        self.runner.load(snapshot.runner_state)
+        self.state = None if snapshot.state is None else snapshot.state.copy()
+        self.logical, self.peak = snapshot.logical, snapshot.peak
+
     # -- metrics --
     def metrics(self) -> KVMetrics:
         return kv_metrics(self.engine, self.compression, self.state, self.logical, self.peak)
 
     # -- the loop --
-    def _feed(self, token_ids: list[int]) -> Iterator[Event | np.ndarray]:
+    def _feed(self, token_ids: list[int], cuts: tuple[int, ...] = ()) -> Iterator[Event | np.ndarray]:
         """Run tokens through the model, in chunks and with compression rounds as the policy says; yields events,
-        then the logits of the last token."""
+        then the logits of the last token. cuts: logical positions where a chunk must end; a BoundaryEvent follows
+        each (after the round that position triggers, if any)."""
         logits = None
         i = 0
+        end = self.logical + len(token_ids)
+        pending = sorted(c for c in set(cuts) if self.logical < c < end)
         while i < len(token_ids):
             if self.state is not None:
                 n = self.compression.policy.prefill_chunk(self.state.retained)
             else:
                 n = 512  # bounds activation memory of a long prompt
+            if pending:
+                n = min(n, pending[0] - self.logical)
             chunk = token_ids[i:i + n]
             logits = self.runner.forward(chunk, self.logical)
             self.logical += len(chunk)
@@ -282,6 +324,9 @@ class Session:
                 self.state.appended(len(chunk))
                 if self.state.needs_compression():
                     yield self._compress()
+            if pending and self.logical == pending[0]:
+                pending.pop(0)
+                yield BoundaryEvent(self.logical)
         yield logits
 
     def _compress(self) -> CompressionEvent:
@@ -290,8 +335,12 @@ class Session:
         self.runner.compact(keep)
         return CompressionEvent(record, self.metrics())
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, set_prompt: bool = True) -> Iterator[Event]:
-        """Prefill prompt_ids (after what the cache holds), then sample until EOS, a stop string or max_tokens."""
+    def generate(self, prompt_ids: list[int], params: SamplingParams, set_prompt: bool = True,
+                 cuts: tuple[int, ...] = ()) -> Iterator[Event]:
+        """Prefill prompt_ids (after what the cache holds), then sample until EOS, a stop string or max_tokens.
+        cuts: logical positions inside the prompt where prefill stops for a BoundaryEvent (a snapshot point).
+        Prefill cut at the same positions computes the same cache whether or not it was interrupted there, so a
+        session restored from a snapshot at a cut continues exactly as the uninterrupted one does."""
         self._cancel.clear()
         if self.state is not None and set_prompt and self.logical == 0:
             self.state.prompt_len = len(prompt_ids)
@@ -301,7 +350,7 @@ class Session:
         text, emitted = "", 0  # text[:emitted] has been yielded
         t0 = time.perf_counter()
         logits = None
-        for item in self._feed(list(prompt_ids)):
+        for item in self._feed(list(prompt_ids), cuts):
             if isinstance(item, np.ndarray) or item is None:
                 logits = item
             else:
@@ -344,6 +393,21 @@ class Session:
         if len(text) > emitted:  # EOS, length or cancel: what was held back was not a stop string after all
             yield TextEvent(text[emitted:])
         yield DoneEvent(finish, len(prompt_ids), generated, t_prefill, time.perf_counter() - t1, self.metrics())
+
+
+@dataclass
+class Snapshot:
+    """A session's cache at one point of its prompt (Session.snapshot): what the server keeps for prefix reuse.
+    Its memory is the retained K/V: at most B + N slots per layer and KV head with compression."""
+
+    runner_state: object  # the runner's own copy of its cache
+    state: CompressionState | None  # slot positions, rounds (None without compression)
+    logical: int
+    peak: int
+    kv: KVMetrics
+
+    def metrics(self) -> KVMetrics:
+        return self.kv
 
 
 def kv_metrics(engine: Engine, compression: CompressionSettings, state: CompressionState | None, logical: int,

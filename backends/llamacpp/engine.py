@@ -190,6 +190,18 @@ class LlamaCppRunner:
                 raise RuntimeError("llama_memory_seq_rm refused to remove cells")
         self.positions = self.positions[slots]
 
+    def save(self) -> tuple[bytes, np.ndarray, int]:
+        """The sequence's serialised K/V and cell positions (prefix reuse)."""
+        return read_state(self.ctx), self.positions.copy(), self.next_position
+
+    def load(self, saved: tuple[bytes, np.ndarray, int]) -> None:
+        data, positions, next_position = saved
+        self.reset()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if lc.llama_state_seq_set_data(self.ctx, buf, len(data), 0) != len(data):
+            raise RuntimeError("llama.cpp refused a saved sequence state")
+        self.positions, self.next_position = positions.copy(), next_position
+
     def select_rows(self, rows: list[int]) -> None:
         if list(rows) == [0]:
             return

@@ -92,6 +92,20 @@ class MLXRunner:
                 cache.select_rows(idx)
             self._eval()
 
+    def save(self) -> list[tuple]:
+        """The stored K/V of every layer (prefix reuse). MLX arrays are values: later appends to the cache make new
+        arrays and leave these as they are."""
+        saved = [(c.state, c.length, c.offset) for c in self.caches]
+        self._eval()
+        return saved
+
+    def load(self, saved: list[tuple]) -> None:
+        self.reset()
+        for cache, (state, length, offset) in zip(self.caches, saved):
+            cache.state = state
+            cache.length, cache.offset = length, offset
+        self._eval()
+
     def _eval(self, *arrays) -> None:
         """Evaluate the caches now (with what else is due): a lazy MLX array can only be evaluated by the thread that
         made it, and a server or chat may run the next step of this runner in another thread."""

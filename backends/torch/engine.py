@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -87,6 +88,13 @@ class TorchRunner:
         self.cache.batch_select_indices(idx)
         if self.recorder is not None:
             self.recorder.select_rows(idx)
+
+    def save(self) -> TriAttentionCache | None:
+        """A copy of the cache (prefix reuse); None with a recorder, whose query history is not copied."""
+        return None if self.recorder is not None else copy.deepcopy(self.cache)
+
+    def load(self, saved: TriAttentionCache) -> None:
+        self.cache = copy.deepcopy(saved)
 
 
 class TorchSequenceRunner(SequenceRunner):

@@ -158,6 +158,21 @@ class StaticRunner:
         return [state.record_round(rows) for state, rows in zip(states, keep_rows.cpu().numpy())]
 
     @torch.inference_mode()
+    def save(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the filled slots (prefix reuse): K and V [L, B, Hkv, T, D]."""
+        return (self.model.k_cache[:, :, :, : self.length].clone(),
+                self.model.v_cache[:, :, :, : self.length].clone())
+
+    @torch.inference_mode()
+    def load(self, saved: tuple[torch.Tensor, torch.Tensor]) -> None:
+        keys, values = saved
+        self.length = 0
+        self._ensure_batch(keys.shape[1], keys.shape[3])
+        self.model.k_cache[:, :, :, : keys.shape[3]].copy_(keys)
+        self.model.v_cache[:, :, :, : keys.shape[3]].copy_(values)
+        self.length = keys.shape[3]
+
+    @torch.inference_mode()
     def select_rows(self, rows: list[int]) -> None:
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         k, v = self.model.k_cache[:, idx].clone(), self.model.v_cache[:, idx].clone()
