@@ -145,6 +145,15 @@ class ScriptedRunner:
         self.fed = []
         self.inner.reset()
 
+    def save(self):
+        inner = self.inner.save()
+        return None if inner is None else (inner, list(self.fed))
+
+    def load(self, saved):
+        inner, fed = saved
+        self.inner.load(inner)
+        self.fed = list(fed)
+
 
 def scripted_engine(model: str = "demo"):
     """The demo engine (or another), its sequence runners scripted and its chat template Qwen3-like."""

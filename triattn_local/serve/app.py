@@ -5,7 +5,6 @@ and render the prompt, hand a Job to the scheduler (scheduler.py) and answer wit
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import threading
 import time
@@ -19,7 +18,7 @@ from ..errors import UserError
 from ..sampling import SamplingParams
 from . import errors
 from .chat_format import OutputParser, Prompt, active_tools, encode_text, is_reasoning_model, render_chat
-from .conversations import ConversationStore, Turn, message_key
+from .conversations import SnapshotStore
 from .errors import APIError
 from .generation import Run
 from .metrics import Metrics
@@ -36,12 +35,12 @@ class ServeOptions:
     temperature: float = 0.6  # defaults when a request does not say
     top_p: float = 0.95
     parallel: int = 8
-    max_conversations: int = 16
+    max_conversations: int = 64  # cache snapshots kept for prefix reuse
     conversation_bytes: int = 4 << 30
 
 
 class ServerState:
-    """What the routes share: the engine once loaded (None while loading), the scheduler, kept conversations and
+    """What the routes share: the engine once loaded (None while loading), the scheduler, kept cache snapshots and
     metrics."""
 
     def __init__(self, options: ServeOptions):
@@ -49,7 +48,7 @@ class ServerState:
         self.engine = None
         self.settings = None
         self.scheduler: Scheduler | None = None
-        self.store = ConversationStore(options.max_conversations, options.conversation_bytes)
+        self.store = SnapshotStore(options.max_conversations, options.conversation_bytes)
         self.metrics = Metrics()
         self.ready = threading.Event()
         self.created = int(time.time())
@@ -128,7 +127,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         state.require_ready()
         running, waiting = state.scheduler.counts()
-        sessions = state.scheduler.sessions() + state.store.sessions()
+        sessions = state.scheduler.sessions() + state.store.snapshots()
         text = state.metrics.render(sessions, running, waiting, len(state.store), _rss())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
@@ -140,10 +139,7 @@ def create_app(state: ServerState) -> FastAPI:
         requested = body.max_completion_tokens or body.max_tokens
         params = _sampling(state, body, len(prompt.ids), requested, "messages")
         tools = active_tools(body)
-        context = json.dumps([tools, body.chat_template_kwargs], sort_keys=True, default=str)
-        turn = Turn([message_key(m) for m in body.messages], context)
-        job = Job(prompt.ids, params, turn, engine.context_length, asyncio.get_running_loop(),
-                  _reserve(state, params, requested))
+        job = Job(prompt.ids, params, True, asyncio.get_running_loop())
         parser = OutputParser(parse_tools=bool(tools), starts_in_reasoning=prompt.starts_in_reasoning)
         run = Run(state, job, parser)
         meta = _meta(state, "chatcmpl")
@@ -167,8 +163,7 @@ def create_app(state: ServerState) -> FastAPI:
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         params = _sampling(state, body, len(ids), body.max_tokens, "prompt")
-        job = Job(ids, params, None, engine.context_length, asyncio.get_running_loop(),
-                  _reserve(state, params, body.max_tokens))
+        job = Job(ids, params, False, asyncio.get_running_loop())
         run = Run(state, job, None)
         meta = _meta(state, "cmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -210,14 +205,6 @@ def _sampling(state: ServerState, body, prompt_tokens: int, requested: int | Non
                               stop=body.stop_list())
     except UserError as e:
         raise APIError(400, str(e)) from None
-
-
-def _reserve(state: ServerState, params: SamplingParams, requested: int | None) -> int:
-    """The output room a request needs for a kept conversation to serve it: all it asked for, or when it set no
-    limit, half of what a fresh prefill would leave."""
-    if requested or state.options.max_tokens:
-        return params.max_tokens
-    return max(1, params.max_tokens // 2)
 
 
 def _meta(state: ServerState, prefix: str) -> dict:

@@ -1,145 +1,120 @@
-"""Kept conversations: a finished request's Session (its compressed KV cache) and what it stands for, so that the
-next request of the same conversation continues from it instead of prefilling the whole history again.
+"""Prefix reuse: snapshots of request caches at cut points of their prompts, and the longest snapshot a new prompt
+starts with.
 
-A request continues a kept conversation in one of two ways, both decided on token ids:
-- exact: its prompt ids start with every id the cache has consumed (raw completions that append to their text,
-  or a chat whose template re-renders the reply exactly as generated): feed the rest;
-- next turn: its messages start with the earlier request's messages plus the reply we gave (compared as messages:
-  roles, text, tool calls; reasoning ignored), with the same tools and template options. The chat template may
-  render that reply differently from what the model generated (Qwen3 drops earlier <think> blocks; tool-call JSON
-  is re-serialised), so the prompt ids are not a prefix of the cache. Every turn of the template ends in one
-  token (<|im_end|>: the last end-of-sequence token of the earlier prompt), so the new turns begin after its
-  (k+1)-th occurrence in the new prompt, where k is its count in the earlier prompt. Feed the reply's last
-  sampled token if it was not that token (a reply cut by max_tokens or a stop string), that token, then the rest.
-The cache then holds the conversation as the model saw and wrote it (earlier reasoning included, compressed like
-everything else), not the template's re-rendering of it.
+Agents re-send a long shared beginning (system prompt and tools, earlier turns) and change the end: OpenClaw adds
+a transient context message to every turn and never replays it, rewrites history on memory flushes and compaction,
+and chat templates re-render earlier replies (Qwen3 drops their reasoning). So a new request is matched on token ids
+only: it starts from the longest kept snapshot whose ids are a proper prefix of its prompt (at least one token is
+left to prefill, for the first logits), and prefills the rest.
 
-Kept conversations are bounded by count and by KV bytes (least recently used go first).
+Exactness. Prefill runs the prompt in chunks; a request stops its prefill at cut points, which are a function of the
+token ids alone (after every turn-end token such as <|im_end|>, and every SNAPSHOT_STRIDE tokens). Two prompts that
+agree up to a cut are therefore cut the same way up to it, so a session restored from a snapshot at that cut holds
+exactly the cache (same K/V, same positions, same compression rounds) that the uninterrupted prefill holds there,
+and gives the same greedy tokens as the same request sent cold.
+
+What is kept: chat requests snapshot at their message boundaries (after the system prompt + tools, and after each
+complete message); text completions at their last cut. A snapshot holds the retained K/V, at most B + N slots per
+layer and KV head with compression, so it is small next to the prompt it stands for: for Qwen3-8B (36 layers, 8 KV
+heads of 128 dims, 16-bit K and V) at B = 2048, N = 128 it is at most 36 × 8 × 128 × 2 × 2 × 2176 bytes = 306 MiB,
+whatever the prompt's length. Snapshots are bounded by count and by bytes (--conversation-memory), least recently
+used first; a match refreshes every snapshot that is a prefix of the prompt (the system prompt stays).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .chat_format import parse_arguments
-from .protocol import Message
+SNAPSHOT_STRIDE = 256  # a cut every so many tokens: text completions without turns have one to snapshot at
 
 
-def message_key(m: Message) -> tuple:
-    """What of a message decides its rendering, ignoring reasoning and whitespace at the ends of assistant text
-    (clients trim it) and tool-call ids (some clients renumber them)."""
-    role = "system" if m.role == "developer" else m.role
-    text = m.text().strip() if role == "assistant" else m.text()
-    calls = tuple((c.function.name, _canonical(c.function.arguments)) for c in m.tool_calls or [])
-    return (role, text, calls, m.tool_call_id if role == "tool" else None, m.name)
+def cut_points(ids: list[int], turn_ends: set[int]) -> list[int]:
+    """Where prefill stops (0 < cut < len(ids)): after each turn-end token, and at multiples of SNAPSHOT_STRIDE."""
+    cuts = {i + 1 for i, t in enumerate(ids) if t in turn_ends}
+    cuts.update(range(SNAPSHOT_STRIDE, len(ids), SNAPSHOT_STRIDE))
+    return sorted(c for c in cuts if 0 < c < len(ids))
 
 
-def reply_key(content: str, tool_calls: list[tuple[str, str]]) -> tuple:
-    """The key of the assistant message we returned, as the client will send it back."""
-    return ("assistant", content.strip(), tuple((name, _canonical(args)) for name, args in tool_calls), None, None)
-
-
-def _canonical(arguments: str | dict) -> str:
-    value = parse_arguments(arguments)
-    return json.dumps(value, sort_keys=True, ensure_ascii=False) if isinstance(value, dict) else value
+def snapshot_points(ids: list[int], turn_ends: set[int], chat: bool) -> list[int]:
+    """The cuts worth a snapshot: a chat's message boundaries (after turn-end tokens); a text completion's last cut."""
+    if chat:
+        return [i + 1 for i, t in enumerate(ids[:-1]) if t in turn_ends]
+    cuts = cut_points(ids, turn_ends)
+    return cuts[-1:]
 
 
 @dataclass
-class Turn:
-    """What a chat request is, for matching: its message keys and everything else that changes the rendering."""
-
-    messages: list[tuple]
-    context: str  # tools and chat_template_kwargs, as canonical JSON
-
-
-@dataclass
-class Conversation:
-    session: object  # engine.Session, idle
-    ids: list[int]  # every token id the cache has consumed, in order
-    prompt_ids: list[int]  # the rendered prompt of the request that made it
-    turn: Turn | None  # that request's turn plus our reply; None for raw completions
-    unfed: list[int]  # the reply's last sampled token, never run through the model
-    turn_end: int | None  # the token that ends every turn of the chat template; None: no turn matching
+class Entry:
+    ids: tuple[int, ...]  # the prompt tokens the snapshot stands for
+    snapshot: object  # engine.Snapshot
     kv_bytes: int
 
 
 @dataclass
 class Match:
-    conversation: Conversation
-    feed: list[int]  # what to run through the model now
-    cached: int  # prompt tokens not prefilled again
+    snapshot: object  # engine.Snapshot to restore
+    cached: int  # prompt tokens it covers (not prefilled again)
 
 
-class ConversationStore:
-    def __init__(self, max_conversations: int, max_bytes: int):
-        self.max_conversations = max_conversations
+class SnapshotStore:
+    """Kept snapshots by their token ids, least recently used first; thread-safe (the worker writes, metrics read)."""
+
+    def __init__(self, max_snapshots: int, max_bytes: int):
+        self.max_snapshots = max_snapshots
         self.max_bytes = max_bytes
-        self._items: OrderedDict[int, Conversation] = OrderedDict()
-        self._next = 0
+        self._items: OrderedDict[tuple[int, ...], Entry] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, conversation: Conversation) -> None:
-        if self.max_conversations < 1 or conversation.kv_bytes > self.max_bytes:
+    @property
+    def enabled(self) -> bool:
+        return self.max_snapshots > 0 and self.max_bytes > 0
+
+    def has(self, ids: list[int]) -> bool:
+        """Whether these ids are kept already (refreshing them): no need to copy the cache again."""
+        key = tuple(ids)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return True
+            return False
+
+    def put(self, ids: list[int], snapshot, kv_bytes: int) -> None:
+        if not self.enabled or kv_bytes > self.max_bytes:
             return
+        key = tuple(ids)
         with self._lock:
-            self._items[self._next] = conversation
-            self._next += 1
-            while len(self._items) > self.max_conversations or self._bytes() > self.max_bytes:
-                self._items.popitem(last=False)
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.kv_bytes
+            self._items[key] = Entry(key, snapshot, kv_bytes)
+            self._bytes += kv_bytes
+            while len(self._items) > self.max_snapshots or self._bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= dropped.kv_bytes
 
-    def take(self, prompt: list[int], turn: Turn | None, fits) -> Match | None:
-        """Remove and return the kept conversation this prompt continues with the most reused tokens, if any.
-        fits(conversation, feed) says whether continuing it stays inside the model's context."""
+    def match(self, prompt: list[int]) -> Match | None:
+        """The longest kept snapshot whose ids are a proper prefix of the prompt; every kept prefix of the prompt is
+        marked as used."""
+        key = tuple(prompt)
         with self._lock:
-            best_key, best = None, None
-            for key, c in self._items.items():
-                found = continuation(c, prompt, turn)
-                if found is None or not fits(c, found[0]):
-                    continue
-                if best is None or found[1] > best.cached:
-                    best_key, best = key, Match(c, *found)
-            if best is not None:
-                del self._items[best_key]
-            return best
+            hits = [e for k, e in self._items.items() if len(k) < len(key) and key[:len(k)] == k]
+            for e in sorted(hits, key=lambda e: len(e.ids)):  # the longest ends up most recent
+                self._items.move_to_end(e.ids)
+        if not hits:
+            return None
+        best = max(hits, key=lambda e: len(e.ids))
+        return Match(best.snapshot, len(best.ids))
 
-    def sessions(self) -> list:
+    def snapshots(self) -> list:
         with self._lock:
-            return [c.session for c in self._items.values()]
+            return [e.snapshot for e in self._items.values()]
+
+    @property
+    def total_bytes(self) -> int:
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._items)
-
-    def _bytes(self) -> int:
-        return sum(c.kv_bytes for c in self._items.values())
-
-
-def continuation(c: Conversation, prompt: list[int], turn: Turn | None) -> tuple[list[int], int] | None:
-    """(ids to feed so that c's cache stands for this whole prompt, prompt tokens it covers), or None when the
-    prompt does not continue c."""
-    n = len(c.ids)
-    if len(prompt) > n and prompt[:n] == c.ids:
-        return prompt[n:], n
-    if turn is None or c.turn is None or c.turn_end is None or turn.context != c.turn.context:
-        return None
-    k = len(c.turn.messages)
-    if len(turn.messages) <= k or turn.messages[:k] != c.turn.messages:
-        return None
-    j = _nth(prompt, c.turn_end, c.prompt_ids.count(c.turn_end) + 1)
-    if j is None or j + 1 >= len(prompt):
-        return None
-    unfed = [t for t in c.unfed if t != c.turn_end]
-    return unfed + prompt[j:], j
-
-
-def _nth(ids: list[int], value: int, n: int) -> int | None:
-    """Index of the n-th occurrence (1-based) of value in ids."""
-    seen = 0
-    for i, x in enumerate(ids):
-        if x == value:
-            seen += 1
-            if seen == n:
-                return i
-    return None

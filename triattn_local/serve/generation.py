@@ -1,5 +1,5 @@
 """A job's events → what a handler sends: text deltas (parsed into reasoning, content and tool calls for chat, cut
-at stop strings), then a Summary; at the end the session is kept as a conversation and the metrics recorded."""
+at stop strings), then a Summary; at the end the metrics are recorded."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from ..engine import DoneEvent, KVMetrics, TextEvent, TokenEvent
 from .chat_format import OutputParser
-from .conversations import Conversation, Turn, reply_key
 from .errors import APIError
 from .scheduler import Failed, Job, Started
 
@@ -24,7 +23,7 @@ class Summary:
 
 class Run:
     """Drives one job for a handler: submits it, turns its events into text deltas (parsed for chat), and at the end
-    keeps the session as a conversation and records metrics. Closing the iteration early cancels the job."""
+    records metrics. Closing the iteration early cancels the job."""
 
     def __init__(self, state, job: Job, parser: OutputParser | None):
         self.state, self.job, self.parser = state, job, parser
@@ -77,16 +76,5 @@ class Run:
         rounds = done.metrics.rounds - job.rounds_before
         state.metrics.finished(len(job.prompt_ids), started.cached, done.generated_tokens, reasoning_tokens,
                                done.decode_seconds, done.prefill_seconds, rounds, started.reused)
-        if job.session is not None and generated:
-            turn = None
-            if job.turn is not None and parser is not None:
-                reply = reply_key(parser.content, [(c.name, c.arguments) for c in parser.tool_calls])
-                turn = Turn(job.turn.messages + [reply], job.turn.context)
-            eos = state.engine.eos_token_ids()
-            turn_end = next((t for t in reversed(job.prompt_ids) if t in eos), None)
-            ids = job.base_ids + job.feed + generated[:-1]  # the last sampled token is never fed to the model
-            state.store.put(Conversation(job.session, ids, job.prompt_ids, turn, generated[-1:], turn_end,
-                                         done.metrics.kv_bytes))
-            job.session = None
         return Summary(finish, len(job.prompt_ids), done.generated_tokens, started.cached, reasoning_tokens,
                        done.metrics)

@@ -1,7 +1,7 @@
 """Server counters and gauges, rendered as Prometheus text (GET /metrics).
 
 Counters grow over the server's life; KV gauges are summed over the sessions alive now (running requests and kept
-conversations), so retained vs logical tokens show what compression holds back at this moment."""
+cache snapshots), so retained vs logical tokens show what compression holds back at this moment."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class Metrics:
         with self._lock:
             self.totals["cancelled"] += 1
 
-    def render(self, sessions: list, running: int, waiting: int, conversations: int, rss_bytes: int) -> str:
+    def render(self, sessions: list, running: int, waiting: int, snapshots: int, rss_bytes: int) -> str:
         """Prometheus exposition text."""
         live = [s.metrics() for s in sessions]
         retained = sum(m.retained_tokens for m in live)
@@ -63,7 +63,7 @@ class Metrics:
             ("requests_cancelled_total", "counter", "Generations cancelled because the client went away.",
              one(t.get("cancelled", 0))),
             ("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", one(t.get("prompt_tokens", 0))),
-            ("prompt_tokens_cached_total", "counter", "Prompt tokens served from a kept conversation, not prefilled.",
+            ("prompt_tokens_cached_total", "counter", "Prompt tokens served from a kept cache snapshot, not prefilled.",
              one(t.get("cached_tokens", 0))),
             ("generation_tokens_total", "counter", "Generated tokens.", one(t.get("completion_tokens", 0))),
             ("reasoning_tokens_total", "counter", "Tokens generated inside <think>.",
@@ -73,9 +73,10 @@ class Metrics:
             ("decode_tokens_per_second", "gauge", "Decode speed of the last finished request.", one(float(tps))),
             ("compression_rounds_total", "counter", "TriAttention compression rounds.",
              one(t.get("compression_rounds", 0))),
-            ("conversation_reuse_total", "counter", "Requests that continued a kept conversation (hit) or not.",
+            ("conversation_reuse_total", "counter", "Requests that started from a kept cache snapshot (hit) or not.",
              [('{result="hit"}', t.get("conversation_hits", 0)), ('{result="miss"}', t.get("conversation_misses", 0))]),
-            ("conversations_kept", "gauge", "Conversations kept for reuse.", one(conversations)),
+            ("cache_snapshots", "gauge", "Cache snapshots kept for prefix reuse (their K/V counts in kv_bytes).",
+             one(snapshots)),
             ("kv_retained_tokens", "gauge", "KV tokens held by live sessions (per layer and KV head).", one(retained)),
             ("kv_logical_tokens", "gauge", "Tokens live sessions have seen (what full attention would hold).",
              one(logical)),

@@ -8,6 +8,9 @@ the engine's batch runner needs equal lengths in lockstep, which requests of a s
 
 Events go back to each request's asyncio queue through its event loop. A request whose client went away is
 cancelled: its generator is closed and its session dropped, which frees its KV cache.
+
+A request starts from the longest kept cache snapshot its prompt begins with (conversations.py), and its prefill
+stops at the prompt's cut points, where the worker snapshots the cache for later requests.
 """
 
 from __future__ import annotations
@@ -17,18 +20,18 @@ import logging
 import queue
 import threading
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from ..engine import DoneEvent, TokenEvent
+from ..engine import BoundaryEvent, DoneEvent, TokenEvent
 from ..sampling import SamplingParams
-from .conversations import ConversationStore, Turn
+from .conversations import SnapshotStore, cut_points, snapshot_points
 
 log = logging.getLogger("triattn.serve")
 
 
 @dataclass
 class Started:
-    cached: int  # prompt tokens served from a kept conversation
+    cached: int  # prompt tokens served from a kept snapshot
     reused: bool
 
 
@@ -38,25 +41,19 @@ class Failed:
 
 
 class Job:
-    """One request as the worker sees it. The handler reads job.queue; after DoneEvent, job.session is the
-    handler's (to keep as a conversation or drop)."""
+    """One request as the worker sees it. The handler reads job.queue; the worker drops the session when it ends.
+    chat: snapshot at the prompt's message boundaries (else at its last cut)."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, turn: Turn | None, context_length: int,
-                 loop: asyncio.AbstractEventLoop, reserve: int | None = None):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, chat: bool, loop: asyncio.AbstractEventLoop):
         self.prompt_ids = prompt_ids
         self.params = params
-        # output room a reused conversation must leave (its positions run ahead of the prompt: it keeps earlier
-        # reasoning); without it the prompt is prefilled afresh
-        self.reserve = params.max_tokens if reserve is None else reserve
-        self.turn = turn
-        self.context_length = context_length
+        self.chat = chat
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.session = None
-        self.base_ids: list[int] = []  # what the reused cache had consumed before this request
-        self.feed: list[int] = []
-        self.rounds_before = 0
+        self.snapshot_at: set[int] = set()  # prompt positions to snapshot at
+        self.rounds_before = 0  # rounds the restored snapshot had run
         self.gen = None
 
     def post(self, item) -> None:
@@ -70,7 +67,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine, settings, store: ConversationStore, parallel: int):
+    def __init__(self, engine, settings, store: SnapshotStore, parallel: int):
         self.engine = engine
         self.settings = settings
         self.store = store
@@ -143,25 +140,33 @@ class Scheduler:
         return True
 
     def _start(self, job: Job) -> None:
-        params = job.params
-
-        def fits(conversation, feed):
-            return conversation.session.logical + len(feed) + job.reserve <= job.context_length
-
-        match = self.store.take(job.prompt_ids, job.turn, fits)
+        prompt = job.prompt_ids
+        job.session = self.engine.session(self.settings)
+        cuts: list[int] = []
+        match = None
+        if self.store.enabled:
+            turn_ends = self.engine.eos_token_ids()
+            cuts = cut_points(prompt, turn_ends)
+            job.snapshot_at = set(snapshot_points(prompt, turn_ends, job.chat))
+            match = self.store.match(prompt)
+        cached = 0
         if match is not None:
-            room = job.context_length - match.conversation.session.logical - len(match.feed)
-            params = job.params = replace(params, max_tokens=min(params.max_tokens, room))
-            job.session = match.conversation.session
-            job.base_ids = match.conversation.ids
-            job.feed = match.feed
-            job.rounds_before = job.session.metrics().rounds
-            job.post(Started(cached=match.cached, reused=True))
-        else:
-            job.session = self.engine.session(self.settings)
-            job.feed = job.prompt_ids
-            job.post(Started(cached=0, reused=False))
-        job.gen = job.session.generate(job.feed, params, set_prompt=match is None)
+            job.session.restore(match.snapshot)
+            if job.session.state is not None:
+                job.session.state.prompt_len = len(prompt)  # as the same request sent cold sets it
+            job.rounds_before = match.snapshot.kv.rounds
+            cached = match.cached
+        job.post(Started(cached=cached, reused=match is not None))
+        job.gen = job.session.generate(prompt[cached:], job.params, set_prompt=match is None,
+                                       cuts=tuple(c for c in cuts if c > cached))
+
+    def _snapshot(self, job: Job, position: int) -> None:
+        """Keep the cache at this cut of the prompt, unless kept already or not worth one."""
+        if position not in job.snapshot_at or self.store.has(job.prompt_ids[:position]):
+            return
+        snapshot = job.session.snapshot()
+        if snapshot is not None:
+            self.store.put(job.prompt_ids[:position], snapshot, snapshot.kv.kv_bytes)
 
     def _advance(self, job: Job) -> None:
         """Run one step of a job: up to its next sampled token, or its end."""
@@ -170,12 +175,15 @@ class Scheduler:
             return
         try:
             for event in job.gen:
+                if isinstance(event, BoundaryEvent):
+                    self._snapshot(job, event.position)
+                    continue
                 job.post(event)
                 if isinstance(event, TokenEvent):
                     return
                 if isinstance(event, DoneEvent):
                     break
-            self._remove(job)  # done: the session now belongs to the handler
+            self._drop(job, close=False)  # done: its cache lives on only in the snapshots taken
         except Exception as e:
             log.exception("generation failed")
             job.post(Failed(f"generation failed: {type(e).__name__}"))
