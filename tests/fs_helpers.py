@@ -105,3 +105,31 @@ def files_under(path: Path) -> dict[str, bytes]:
     """Every regular file under `path` (no filler) with its bytes: what a failed write must leave unchanged."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
             if p.is_file() and not p.is_symlink() and p.name != "filler"}
+
+
+@contextlib.contextmanager
+def writable_then_read_only(path: Path):
+    """A folder that a test fills and then makes read-only by calling the yielded function (and writable again by
+    calling it with False): a tmpfs remounted ro, else chmod of every folder in it (skipped as root without mount)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = _mount(path, "size=64m", "mode=0755")
+    if not mounted and os.geteuid() == 0:
+        pytest.skip("root without mount: no way to make a read-only folder")
+
+    def read_only(on: bool = True) -> str:
+        if mounted:
+            subprocess.run(["mount", "-o", "remount," + ("ro" if on else "rw"), str(path)], check=True,
+                           capture_output=True)
+            return "tmpfs"
+        for p in [path, *path.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(0o555 if on else 0o755)
+        return "chmod 0555"
+
+    try:
+        yield read_only
+    finally:
+        if mounted:
+            _umount(path)
+        else:
+            read_only(False)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .files import write_atomic
 from .stats_cache import find_stats, revision_stats_path, triattn_cache
 
 
@@ -32,6 +33,9 @@ class PulledModel:
     stats_source: str = ""
     verified: bool = False  # checksums matched the Hub's at pull time
     pulled_at: str = ""
+    # the files triattn itself downloaded into the cache (rm deletes only these); None: a record from before this
+    # was noted, so nothing is known to be triattn's and rm keeps the files
+    created: list[str] | None = None
 
     @property
     def model_path(self) -> Path:
@@ -53,12 +57,26 @@ def record_path(name: str, backend: str) -> Path:
 def save_record(model: PulledModel) -> Path:
     """Write the record atomically: it is what marks a pull as complete."""
     model.pulled_at = model.pulled_at or time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    path = record_path(model.name, model.backend)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(model), indent=1))
-    tmp.replace(path)
-    return path
+    return write_atomic(record_path(model.name, model.backend), json.dumps(asdict(model), indent=1))
+
+
+def downloading_path(name: str, backend: str) -> Path:
+    """A note of the files a pull is about to download, written first: a pull killed half-way and finished later
+    still knows which files in the cache are triattn's."""
+    return record_path(name, backend).with_suffix(".downloading")
+
+
+def note_downloading(name: str, backend: str, snapshot: Path, files: list[str]) -> None:
+    before = noted_downloads(name, backend, snapshot)
+    write_atomic(downloading_path(name, backend), json.dumps({"path": str(snapshot), "files": sorted({*before, *files})}))
+
+
+def noted_downloads(name: str, backend: str, snapshot: Path) -> set[str]:
+    try:
+        note = json.loads(downloading_path(name, backend).read_text())
+        return set(note["files"]) if note.get("path") == str(snapshot) else set()
+    except (OSError, ValueError, TypeError, KeyError):
+        return set()
 
 
 def all_pulled() -> list[PulledModel]:
@@ -267,8 +285,13 @@ def _record_for(name: str, backend: str) -> PulledModel | None:
 
 
 def remove_model(name: str, backend: str) -> str:
-    """Forget a pulled model and delete its files from the Hugging Face cache (blobs no other snapshot uses, and
-    only if no other pulled name shares the snapshot) and its cached stats. Returns a one-line report."""
+    """Forget a pulled model and delete the files triattn downloaded for it, and its cached stats. Returns a
+    one-line report that says what was kept and why.
+
+    Kept: files another tool had in the cache before the pull (triattn downloaded none of them), blobs another
+    snapshot links to, a snapshot another pulled name or another tool uses (files triattn did not download are in
+    it), and any link target outside the repo's `blobs/` (never followed out of the cache). Files go first, the
+    record last: a failure leaves the model listed, and `rm` can be run again."""
     from .registry import artifact_for, looks_like_path
 
     if name == "demo":
@@ -279,39 +302,95 @@ def remove_model(name: str, backend: str) -> str:
     record = find_pulled(canonical, backend)
     if record is None:
         raise UserError(f"{name} is not pulled (for the {backend} backend): `triattn list` shows what is")
-    record_path(canonical, backend).unlink()
-    shared = [m for m in all_pulled() if m.path == record.path]
-    freed = 0
-    if not shared:
-        freed = _delete_snapshot_files(Path(record.path), list(record.files))
-        stats = revision_stats_path(record.repo, record.commit)
-        if stats.is_file():
-            stats.unlink()
-    kept = f"; files kept, also used by {shared[0].name}" if shared else ""
+    path = record_path(canonical, backend)
+    shared = [m for m in all_pulled() if m.path == record.path and (m.name, m.backend) != (canonical, backend)]
+    snapshot = Path(record.path)
+    stats = revision_stats_path(record.repo, record.commit)
+    freed, kept = 0, ""
+    if shared:  # the other name now owns the files triattn downloaded
+        other = shared[0]
+        if record.created:
+            other.created = sorted({*(other.created or []), *record.created})
+            save_record(other)
+        kept = f"; files kept, also used by {other.name}"
+    elif record.created is None:
+        kept = ("; files kept: this record is older than triattn's note of which files it downloaded "
+                f"(they are in {snapshot})")
+    elif not record.created:
+        kept = f"; files kept: they were in the Hugging Face cache before the pull ({snapshot})"
+    else:
+        _check_removable([path.parent, stats.parent, snapshot, snapshot.parent.parent / "blobs"])
+        try:
+            freed, notes = _delete_snapshot_files(snapshot, record.created)
+            stats.unlink(missing_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot remove {canonical}: {e.strerror or e} ({e.filename}); it stays listed, run "
+                            "`triattn rm` again once that is fixed") from None
+        kept = "".join(f"; {n}" for n in notes)
+    try:
+        path.unlink()
+        downloading_path(canonical, backend).unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot remove the record {path}: {e.strerror or e}") from None
     return f"removed {canonical} ({record.backend}, freed {human_size(freed)}{kept})"
 
 
-def _delete_snapshot_files(snapshot: Path, files: list[str]) -> int:
-    """Delete these files of one snapshot: the links, and their blobs unless another snapshot links to them."""
+def _check_removable(folders: list[Path]) -> None:
+    """A read-only cache is found before anything is deleted, so rm never stops half-way on it."""
+    for folder in folders:
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"cannot remove files from {folder}: it is read-only (nothing was removed)")
+
+
+def in_blobs(snapshot: Path, target: str | Path) -> bool:
+    """Whether `target` (a resolved path) is a file in the repo's own `blobs/` folder of the Hugging Face cache."""
+    blobs = Path(os.path.realpath(snapshot.parent.parent / "blobs"))
+    target = Path(target)
+    return target.parent == blobs and target.is_file() and not target.is_symlink()
+
+
+def _delete_snapshot_files(snapshot: Path, created: list[str]) -> tuple[int, list[str]]:
+    """Delete the files triattn downloaded into one snapshot: the links, and their blobs when they are in the repo's
+    `blobs/` and no other snapshot links to them. Returns (bytes freed, notes on what was kept and why)."""
+    notes: list[str] = []
+    real_snapshot = Path(os.path.realpath(snapshot))
+    if snapshot.is_symlink() or not snapshot.is_dir():
+        return 0, [f"{snapshot} is not a folder of the cache: nothing in it deleted"] if snapshot.exists() else []
+    foreign = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*")
+                     if (p.is_file() or p.is_symlink()) and str(p.relative_to(snapshot)) not in created)
+    if foreign:  # another tool fetched these (or the pull found them): it uses this snapshot, keep it whole
+        what = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return 0, [f"files kept: {snapshot} also holds {what}, which triattn did not download (another tool uses it)"]
     repo_dir = snapshot.parent.parent  # .../models--org--name
-    freed = 0
-    doomed = set()
-    for rel in files:
+    freed, doomed, outside = 0, set(), []
+    for rel in created:
         link = snapshot / rel
+        if Path(os.path.realpath(link.parent)) != real_snapshot / Path(rel).parent:
+            outside.append(rel)  # a linked folder inside the snapshot: its files are not the cache's
+            continue
         if link.is_symlink():
-            doomed.add(Path(os.path.realpath(link)))
+            target = Path(os.path.realpath(link))
+            if in_blobs(snapshot, target):
+                doomed.add(target)
+            elif target.exists():
+                outside.append(rel)
             link.unlink()
         elif link.is_file():  # no symlinks on this system: the snapshot holds the file itself
             freed += link.stat().st_size
             link.unlink()
-    still_used = {Path(os.path.realpath(p)) for p in repo_dir.glob("snapshots/*/**/*") if p.is_symlink()}
-    for blob in doomed - still_used:
-        if blob.is_file():
-            freed += blob.stat().st_size
-            blob.unlink()
-    for d in sorted((p for p in snapshot.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    others = {Path(os.path.realpath(p)) for p in repo_dir.glob("snapshots/*/**/*") if p.is_symlink()}
+    used = doomed & others
+    for blob in doomed - others:
+        freed += blob.stat().st_size
+        blob.unlink()
+    if used:
+        notes.append(f"{len(used)} blob(s) kept, linked from another snapshot of {repo_dir.name}")
+    if outside:
+        notes.append(f"kept {', '.join(outside[:3])}: linked from the cache to files outside it")
+    for d in sorted((p for p in snapshot.rglob("*") if p.is_dir() and not p.is_symlink()),
+                    key=lambda p: len(p.parts), reverse=True):
         if not any(d.iterdir()):
             d.rmdir()
-    if snapshot.is_dir() and not any(snapshot.iterdir()):
+    if not any(snapshot.iterdir()):
         snapshot.rmdir()
-    return freed
+    return freed, notes

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
+from .models import PulledModel, downloading_path, find_pulled, note_downloading, noted_downloads, save_record
 from .registry import Artifact, artifact_for, looks_like_path
 
 # What the torch and MLX backends load: weights, config, tokenizer and chat template. Not *.bin/*.pt/*.gguf.
@@ -70,6 +71,9 @@ def pull_model(name: str, backend: str = "auto", force: bool = False, budget: in
         files = select_files(artifact, info.siblings or [])
         sizes = {p: s.size or 0 for p, s in files.items()}
         _check_gated(artifact, info)
+        # files not in the cache yet are the ones triattn downloads, and the only ones `triattn rm` may delete
+        target = _snapshot_dir(artifact, info.sha)
+        note_downloading(artifact.name, backend_name, target, [p for p in files if not (target / p).exists()])
         config = _fetch_config(artifact, info.sha, files)
         fits = _print_estimate(console, config, _weight_bytes(sizes), backend_name, budget, divide_length)
         snapshot = _download(artifact, info.sha, files, force, console)
@@ -88,11 +92,9 @@ def pull_model(name: str, backend: str = "auto", force: bool = False, budget: in
         verified = True
     check_readable(snapshot, list(sizes))
 
-    from .models import PulledModel, save_record
-
     record = PulledModel(name=artifact.name, backend=backend_name, repo=artifact.repo, commit=snapshot.name,
                          path=str(snapshot), files=sizes, file=artifact.file, quant=artifact.quant,
-                         verified=verified)
+                         verified=verified, created=_created_files(artifact.name, backend_name, snapshot, sizes))
     if artifact.file is None:
         stats, source = ensure_stats(snapshot, artifact.repo, snapshot.name, backend_name, console,
                                      calibration_tokens, fits=fits)
@@ -103,7 +105,19 @@ def pull_model(name: str, backend: str = "auto", force: bool = False, budget: in
         record.stats, record.stats_source = (str(stats) if stats else None), source
         console.print(f"stats: {source}" + (f" ({stats})" if stats else ""))
     save_record(record)
+    downloading_path(artifact.name, backend_name).unlink(missing_ok=True)
     console.print(f"ready: triattn run {name}")
+
+
+def _created_files(name: str, backend: str, snapshot: Path, sizes: dict[str, int]) -> list[str] | None:
+    """The files of this model that triattn downloaded: noted by this pull or an earlier one of the same snapshot."""
+    created = noted_downloads(name, backend, snapshot)
+    previous = find_pulled(name, backend)
+    if previous is not None and previous.path == str(snapshot):
+        if previous.created is None and not created:
+            return None  # an older record: still unknown
+        created |= set(previous.created or [])
+    return sorted(created & set(sizes))
 
 
 # ---- the Hub ----------------------------------------------------------------------------------------------------
@@ -244,15 +258,21 @@ def _print_estimate(console, config, weights: int, backend: str, budget: int, di
     return est.fits()
 
 
+def _snapshot_dir(artifact: Artifact, commit: str) -> Path:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=artifact.repo, repo_type="model") / "snapshots" / commit
+
+
 def _download(artifact: Artifact, commit: str, files: dict, force: bool, console) -> Path:
     """snapshot_download of exactly these files, with one rich progress bar over their bytes."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.file_download import repo_folder_name
 
     from .models import human_size
 
-    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=artifact.repo, repo_type="model")
-    snapshot = storage / "snapshots" / commit
+    snapshot = _snapshot_dir(artifact, commit)
+    storage = snapshot.parent.parent
     todo = {p: s for p, s in files.items() if force or not (snapshot / p).exists()}
     total = sum(s.size or 0 for s in todo.values())
     if not todo:
@@ -446,15 +466,27 @@ def check_readable(snapshot: Path, names: list[str]) -> None:
 
 
 def _remove_cached_file(link: Path) -> None:
-    """Remove a file from the Hub cache: the snapshot link and the blob it points to."""
+    """Remove a bad file from the Hub cache so it is fetched again: the snapshot link, and the blob it points to when
+    that is in the repo's `blobs/` (named by its checksum, so every snapshot linking to it gets the good bytes
+    back). A link to a file outside the cache is removed, never its target."""
     import os
 
-    if link.is_symlink():
-        blob = Path(os.path.realpath(link))
-        link.unlink()
-        blob.unlink(missing_ok=True)
-    elif link.exists():
-        link.unlink()
+    from .models import in_blobs
+
+    snapshot = link.parent
+    while snapshot.parent.name != "snapshots" and snapshot != snapshot.parent:
+        snapshot = snapshot.parent
+    try:
+        if link.is_symlink():
+            target = Path(os.path.realpath(link))
+            link.unlink()
+            if in_blobs(snapshot, target):
+                target.unlink()
+        elif (link.is_file() and not snapshot.is_symlink()
+              and Path(os.path.realpath(link)).is_relative_to(os.path.realpath(snapshot))):
+            link.unlink()
+    except OSError as e:
+        raise UserError(f"cannot remove the damaged {link} from the cache: {e.strerror or e}") from None
 
 
 # ---- stats ------------------------------------------------------------------------------------------------------

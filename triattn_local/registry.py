@@ -63,11 +63,21 @@ def load_registry() -> dict:
 
 
 def looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or Path(name).exists()
+    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or _exists(Path(name))
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists that says no to a name the file system refuses (over 255 bytes, say) instead of raising."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def is_repo_id(name: str) -> bool:
-    return bool(REPO_ID.match(name)) and ".." not in name and "--" not in name
+    """The Hub's rule: org/name, each part at most 96 characters."""
+    return (bool(REPO_ID.match(name)) and ".." not in name and "--" not in name
+            and all(len(part) <= 96 for part in name.split("/")))
 
 
 def artifact_for(name: str, backend: str) -> Artifact:
@@ -135,7 +145,7 @@ def resolve_model(name: str, backend: str = "torch") -> Path:
     if name in ALIASES:
         return ALIASES[name]()
     path = Path(name).expanduser()
-    if path.exists() or looks_like_path(name):
+    if _exists(path) or looks_like_path(name):
         return path
     artifact = artifact_for(name, backend)
     if artifact.builtin is not None:
