@@ -206,6 +206,7 @@ def test_openclaw_prints_and_merges_the_provider_entry(server, tmp_path):
     (model,) = provider["models"]
     assert model["id"] == "demo" and model["contextWindow"] == 8192 and model["reasoning"] is True
     assert 0 < model["maxTokens"] <= 8192 and model["input"] == ["text"]
+    assert model["compat"] == {"thinkingFormat": "qwen-chat-template"}  # OpenClaw's thinking levels reach the template
 
     config = tmp_path / "openclaw.json"
     old = {"agents": {"defaults": {"model": {"primary": "x/y"}}},
@@ -221,3 +222,50 @@ def test_openclaw_prints_and_merges_the_provider_entry(server, tmp_path):
 
     r = subprocess.run(CLI + ["openclaw", "--url", server.base], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "API key" in r.stderr
+
+
+def test_openclaw_finds_the_server_a_running_serve_records(server, tmp_path, monkeypatch):
+    from triattn_local.serve import openclaw, running
+
+    record = json.loads((running.servers_dir() / f"{server.pid}.json").read_text())
+    assert record["url"] == server.url and record["api_key"] is True and "key" not in json.dumps(record).replace("api_key", "")
+    # nothing on the default port: the recorded server is found; a record of a dead process is removed
+    monkeypatch.setattr(openclaw, "DEFAULT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("TRIATTN_CACHE", str(tmp_path))
+    running.servers_dir().mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (running.servers_dir() / "stale.json").write_text(json.dumps(dict(record, pid=dead.pid, url="http://127.0.0.1:1/v1")))
+    (running.servers_dir() / "live.json").write_text(json.dumps(record))
+    assert openclaw.find_server(None, KEY) == server.base
+    assert not (running.servers_dir() / "stale.json").exists()
+    assert openclaw.find_server("http://elsewhere:1234", KEY) == "http://elsewhere:1234"
+    for path in running.servers_dir().iterdir():
+        path.unlink()
+    with pytest.raises(openclaw.UserError, match="--url"):
+        openclaw.find_server(None, KEY)
+
+
+def test_openclaw_entry_has_no_key_for_a_keyless_server_and_merges_into_the_users_entry(monkeypatch):
+    from triattn_local.serve import openclaw
+
+    answers = {"/v1/models": {"data": [{"id": "qwen3-8b", "context_length": 32768}]},
+               "/props": {"triattn": {"reasoning": True, "api_key": False, "max_tokens": None}}}
+    monkeypatch.setattr(openclaw, "_get", lambda url, key: answers[url[len("http://h:1"):]])
+    entry = openclaw.provider_entry("http://h:1/v1", "sk-unneeded")
+    assert "apiKey" not in entry and entry["baseUrl"] == "http://h:1/v1"
+    (card,) = entry["models"]
+    assert card["contextWindow"] == 32768 and card["maxTokens"] == 8192
+    assert card["compat"] == {"thinkingFormat": "qwen-chat-template"}
+    users = {"baseUrl": "http://old:8000/v1", "apiKey": "local", "headers": {"X-A": "1"},
+             "models": [{"id": "qwen3-8b", "alias": "q", "contextWindow": 4096,
+                         "compat": {"supportsTools": False, "thinkingFormat": "openai"}},
+                        {"id": "other-model", "contextWindow": 1000}]}
+    merged = openclaw.merge_entry(users, entry)
+    assert merged["baseUrl"] == "http://h:1/v1" and "apiKey" not in merged and merged["headers"] == {"X-A": "1"}
+    mine, other = merged["models"]
+    assert mine["alias"] == "q" and mine["contextWindow"] == 32768
+    assert mine["compat"] == {"supportsTools": False, "thinkingFormat": "qwen-chat-template"}
+    assert other == {"id": "other-model", "contextWindow": 1000}
+    answers["/props"]["triattn"]["reasoning"] = False
+    assert "compat" not in openclaw.provider_entry("http://h:1", None)["models"][0]

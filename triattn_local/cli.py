@@ -264,7 +264,7 @@ def serve(
 
 @app.command()
 def openclaw(
-    url: str = typer.Option("http://127.0.0.1:8000", help="The running `triattn serve`."),
+    url: Optional[str] = typer.Option(None, help="The running `triattn serve` [default: port 8000, else the one a running `triattn serve` records]."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TRIATTN_API_KEY", help="The server's --api-key, if it has one."),
     provider: str = typer.Option("triattn", help="Provider id in OpenClaw (agents name the model PROVIDER/MODEL)."),
     write: bool = typer.Option(False, "--write", help="Merge the entry into the config file (after a backup)."),

@@ -16,6 +16,7 @@ class SamplingParams:
     top_p: float = 0.95
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    suppress: tuple[int, ...] = ()  # token ids never sampled (e.g. <think> when a client turned thinking off)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -34,6 +35,9 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
+        if self.params.suppress:
+            logits = logits.copy()
+            logits[list(self.params.suppress)] = -np.inf
         if self.params.temperature == 0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64)

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -117,7 +117,8 @@ def create_app(state: ServerState) -> FastAPI:
                 "budget": policy.budget if policy else None,
                 "divide_length": policy.divide_length if policy else None,
                 "window": policy.window if policy else None,
-                "reasoning": state.reasoning,
+                "reasoning": state.reasoning,  # <think> in the vocabulary: chat_template_kwargs.enable_thinking works
+                "api_key": state.options.api_key is not None,
                 "max_tokens": state.options.max_tokens,
                 "kv_bytes_per_token": engine.kv_bytes_per_token,
             },
@@ -138,6 +139,8 @@ def create_app(state: ServerState) -> FastAPI:
         prompt: Prompt = await asyncio.to_thread(render_chat, engine.tokenizer, body)
         requested = body.max_completion_tokens or body.max_tokens
         params = _sampling(state, body, len(prompt.ids), requested, "messages")
+        if prompt.suppress:
+            params = replace(params, suppress=prompt.suppress)
         tools = active_tools(body)
         job = Job(prompt.ids, params, True, asyncio.get_running_loop())
         parser = OutputParser(parse_tools=bool(tools), starts_in_reasoning=prompt.starts_in_reasoning)

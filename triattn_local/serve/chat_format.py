@@ -13,6 +13,7 @@ from .errors import APIError
 from .protocol import ChatCompletionRequest, Message
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # what Qwen3's template writes when enable_thinking is false
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
 # apply_chat_template's own parameters: a client may not set them through chat_template_kwargs
@@ -101,10 +102,16 @@ class Prompt:
     ids: list[int]
     text: str
     starts_in_reasoning: bool  # the template opened <think> itself (DeepSeek-R1, Qwen3-Thinking-2507)
+    suppress: tuple[int, ...] = ()  # tokens the reply may not contain (<think> when thinking is off)
 
 
 def render_chat(tokenizer, request: ChatCompletionRequest) -> Prompt:
-    """The prompt of a chat request: its messages through the chat template, then token ids."""
+    """The prompt of a chat request: its messages through the chat template, then token ids.
+
+    chat_template_kwargs go to the template (Qwen3's reads enable_thinking; newer ones preserve_thinking, to keep
+    earlier turns' reasoning). enable_thinking: false on a reasoning model (one with a <think> token) gives a reply
+    without a <think> block: the prompt ends in an empty one, as Qwen3's template writes it (added here when the
+    template does not know the switch), and <think> is never sampled."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise APIError(400, "this model has no chat template: use /v1/completions with a raw prompt")
@@ -115,9 +122,12 @@ def render_chat(tokenizer, request: ChatCompletionRequest) -> Prompt:
             raise APIError(400, f"chat_template_kwargs may not set {key!r}", param="chat_template_kwargs")
         kwargs[key] = value
     messages = template_messages(request.messages, tools, template if isinstance(template, str) else "")
+    thinking_off = kwargs.get("enable_thinking") is False and is_reasoning_model(tokenizer)
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
                                              **kwargs)
+        if thinking_off and not text.rstrip().endswith(THINK_CLOSE):  # the template ignores enable_thinking
+            text += EMPTY_THINK[len(THINK_OPEN) + 1:] if text.endswith(THINK_OPEN + "\n") else EMPTY_THINK
         text.encode("utf-8")  # lone surrogates ("\ud800" in the JSON) cannot be tokenized
         ids = list(tokenizer.encode(text, add_special_tokens=False))
     except APIError:
@@ -125,7 +135,8 @@ def render_chat(tokenizer, request: ChatCompletionRequest) -> Prompt:
     except Exception as e:  # the template raised (roles must alternate …) or the text is not valid Unicode
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise APIError(400, f"cannot apply the chat template to these messages: {first}", param="messages") from None
-    return Prompt(ids, text, text.rstrip().endswith(THINK_OPEN))
+    suppress = (tokenizer.convert_tokens_to_ids(THINK_OPEN),) if thinking_off else ()
+    return Prompt(ids, text, text.rstrip().endswith(THINK_OPEN), suppress)
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

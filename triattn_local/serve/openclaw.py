@@ -1,5 +1,11 @@
 """`triattn openclaw`: the provider entry OpenClaw needs for a running `triattn serve`, read from the server itself
-(GET /v1/models and /props), so the model id and context window are exactly what the server reports."""
+(GET /v1/models and /props), so the model id, context window and output cap are exactly what the server reports.
+
+The server is found at --url, else on the default port, else at the URL a running `triattn serve` records
+(running.py). The entry has an apiKey only when the server wants one (OpenClaw's doctor warns about plaintext keys),
+and for reasoning models (Qwen3 family) compat.thinkingFormat "qwen-chat-template", so that OpenClaw's thinking
+levels reach the chat template as chat_template_kwargs.enable_thinking. --write merges into an existing entry:
+fields triattn does not own (the user's compat options, other models, names …) are kept."""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from ..errors import UserError
 from ..files import resolve_target, unique_backup, write_atomic
 
 DEFAULT_MAX_TOKENS = 8192  # OpenClaw's own default output cap
+DEFAULT_URL = "http://127.0.0.1:8000"
+THINKING_FORMAT = "qwen-chat-template"  # OpenClaw sends chat_template_kwargs: {enable_thinking, preserve_thinking}
 
 
 def _get(url: str, api_key: str | None) -> dict:
@@ -33,8 +41,29 @@ def _get(url: str, api_key: str | None) -> dict:
         raise UserError(f"{url}: the answer is not JSON; is this a triattn server?") from None
 
 
+def find_server(url: str | None, api_key: str | None) -> str:
+    """The base URL of the server to describe: --url, else the default port, else a running `triattn serve`'s."""
+    if url:
+        return url
+    from .running import running_servers
+
+    candidates = [DEFAULT_URL] + [r["url"] for r in running_servers()]
+    for candidate in candidates:
+        base = candidate.rstrip("/").removesuffix("/v1")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=3):
+                return base
+        except urllib.error.HTTPError:  # it answers (503 while loading, 401 …): a server is there
+            return base
+        except (urllib.error.URLError, OSError, ValueError):
+            continue
+    raise UserError(f"no triattn server answers at {DEFAULT_URL} and none is recorded as running; start one with "
+                    "`triattn serve` or name it with --url")
+
+
 def provider_entry(base: str, api_key: str | None) -> dict:
-    """The models.providers.<id> value: baseUrl, api, and the one model as /v1/models names it."""
+    """The models.providers.<id> value: baseUrl, api, an apiKey if the server wants one, and the one model as
+    /v1/models names it."""
     base = base.rstrip("/")
     if base.endswith("/v1"):
         base = base[:-3]
@@ -47,20 +76,48 @@ def provider_entry(base: str, api_key: str | None) -> dict:
         raise UserError(f"{base}/v1/models: no model with a context_length; is this a triattn server?") from None
     extra = props.get("triattn", {}) if isinstance(props, dict) else {}
     cap = extra.get("max_tokens") or min(DEFAULT_MAX_TOKENS, context // 2)
-    return {
-        "baseUrl": f"{base}/v1",
-        "apiKey": api_key or "local",
-        "api": "openai-completions",
-        "models": [{
-            "id": model["id"],
-            "name": f"{model['id']} (triattn)",
-            "reasoning": bool(extra.get("reasoning", False)),
-            "input": ["text"],
-            "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
-            "contextWindow": context,
-            "maxTokens": int(cap),
-        }],
+    reasoning = bool(extra.get("reasoning", False))
+    entry = {"baseUrl": f"{base}/v1", "api": "openai-completions"}
+    wants_key = extra.get("api_key", api_key is not None)  # what the server says (older ones do not)
+    if wants_key and api_key:
+        entry["apiKey"] = api_key
+    card = {
+        "id": model["id"],
+        "name": f"{model['id']} (triattn)",
+        "reasoning": reasoning,
+        "input": ["text"],
+        "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
+        "contextWindow": context,
+        "maxTokens": int(cap),
     }
+    if reasoning:
+        card["compat"] = {"thinkingFormat": THINKING_FORMAT}
+    entry["models"] = [card]
+    return entry
+
+
+def merge_entry(old, new: dict) -> dict:
+    """The provider entry after --write: the new one's fields over the old one's, the old entry's other models kept,
+    and within our model (same id) its fields and compat options we do not set kept. A server without a key
+    takes the apiKey out (nothing to send; OpenClaw warns about plaintext keys)."""
+    if not isinstance(old, dict):
+        return new
+    merged = {k: v for k, v in old.items() if k != "apiKey"}
+    merged.update({k: v for k, v in new.items() if k != "models"})
+    old_models = old.get("models")
+    models = [m for m in old_models if isinstance(m, dict)] if isinstance(old_models, list) else []
+    for card in new["models"]:
+        mine = next((m for m in models if m.get("id") == card["id"]), None)
+        if mine is None:
+            models.append(card)
+            continue
+        compat = dict(mine.get("compat") or {}) if isinstance(mine.get("compat"), dict) else {}
+        compat.update(card.get("compat", {}))
+        mine.update({k: v for k, v in card.items() if k != "compat"})
+        if compat:
+            mine["compat"] = compat
+    merged["models"] = models
+    return merged
 
 
 def merge(config_path: Path, provider: str, entry: dict) -> Path | None:
@@ -89,7 +146,7 @@ def merge(config_path: Path, provider: str, entry: dict) -> Path | None:
     models = config.setdefault("models", {})
     if not isinstance(models, dict) or not isinstance(models.setdefault("providers", {}), dict):
         raise UserError(f"{config_path}: 'models.providers' is not an object")
-    models["providers"][provider] = entry
+    models["providers"][provider] = merge_entry(models["providers"].get(provider), entry)
     try:  # 1e400 reads as inf, which JSON cannot write back (it would come out as the invalid `Infinity`)
         data = json.dumps(config, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     except ValueError:
@@ -105,8 +162,8 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def openclaw_command(url: str, api_key: str | None, provider: str, write: bool, config: str) -> None:
-    entry = provider_entry(url, api_key)
+def openclaw_command(url: str | None, api_key: str | None, provider: str, write: bool, config: str) -> None:
+    entry = provider_entry(find_server(url, api_key), api_key)
     model_ref = f"{provider}/{entry['models'][0]['id']}"
     if not write:
         print(json.dumps({"models": {"providers": {provider: entry}}}, indent=2, ensure_ascii=False))

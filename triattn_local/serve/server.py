@@ -94,8 +94,11 @@ def serve_command(model, host, port, api_key, served_model_name, no_compress, me
     print(f"triattn serve: loading {model} (GET /health answers 503 until it is ready) …", file=sys.stderr,
           flush=True)
     threading.Thread(target=load, name="triattn-load", daemon=True).start()
+    from .running import recorded
+
     try:
-        server.run(sockets=[sock])
+        with recorded(url, options.served_name, options.api_key is not None):  # `triattn openclaw` finds it
+            server.run(sockets=[sock])
     finally:
         if state.scheduler is not None:
             state.scheduler.stop()
