@@ -98,7 +98,7 @@ def test_bad_input_gives_one_line_and_exit_2(model_and_stats, tmp_path, tiny_mod
                           "budget 100", "window + sinks")
     assert_one_line_error(triattn("run", model, "hi", "--pruning-mode", "diagonal"), "unknown pruning mode")
     assert_one_line_error(triattn("run", model, "hi", "--backend", "vulkan"), "unknown backend")
-    assert_one_line_error(triattn("run", model, "hi", "--max-tokens", "0"), "max tokens")
+    assert_one_line_error(triattn("run", model, "hi", "--max-tokens", "0"), "--max-tokens")
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 64)
     assert_one_line_error(triattn("run", model, "hi", "--stats", corrupt), str(corrupt))

@@ -83,6 +83,10 @@ def chat(
 ):
     """Chat in the terminal and watch what the KV cache keeps (conversations are saved; --resume reopens)."""
     options = dict(locals())
+    from .run import check_run_options
+
+    check_run_options(model, method, budget, divide_length, window, sink, protect_prefill, pruning_mode, stats,
+                      max_tokens, temperature, top_p, seed, device, dtype, backend, no_compress=no_compress)
     from .tui.main import run_chat
 
     run_chat(**options)
@@ -99,6 +103,18 @@ def calibrate(
     backend: str = typer.Option("auto", help="auto | torch | mlx | llamacpp."),
 ):
     """Measure a model's pre-RoPE query statistics and write them in triattn's stats format."""
+    from . import checks
+
+    checks.choice("--device", device, checks.DEVICES)
+    checks.choice("--dtype", dtype, checks.DTYPES)
+    checks.integer("--max-tokens", max_tokens, 1)
+    checks.model(model, backend)
+    checks.output_file(output, "stats file")
+    from .files import check_writable
+
+    check_writable(output)  # a read-only folder is found before the calibration, not after
+    if input is not None:
+        checks.input_file(input, "calibration text")
     from .backends import load_engine
     from .calibration_text import load_calibration_text
 
@@ -119,17 +135,26 @@ def convert(
     converter: Optional[str] = typer.Option(None, help="A llama.cpp checkout to take convert_hf_to_gguf.py from [default: $TRIATTN_LLAMA_CPP, else the installed llama-cpp-python's source]."),
 ):
     """Convert a Hugging Face model to GGUF (model.gguf + its stats) for the llamacpp backend."""
-    from .convert import convert_to_gguf
-    from .errors import UserError
+    from . import checks
 
-    if to != "gguf":
-        raise UserError(f"unknown --to {to!r} (only gguf)")
+    checks.choice("--to", to, ("gguf",))
+    checks.choice("--outtype", outtype, ("auto", "f32", "f16", "bf16", "q8_0"))
+    from .registry import resolve_model
+
+    checks.model_path(resolve_model(checks.text("the model name", model)))
+    if output is not None:
+        checks.output_dir(output, "output")
+    from .convert import convert_to_gguf
+
     convert_to_gguf(model, output, outtype=outtype, converter=converter)
 
 
 @stats_app.command("show")
 def stats_show(file: str = typer.Argument(..., help="Stats file.")):
     """Summarise a stats file, with how concentrated each head's queries are."""
+    from . import checks
+
+    checks.input_file(file, "stats file")
     from rich.console import Console
 
     from .stats.format import QueryStats
@@ -145,6 +170,11 @@ def stats_import(
     output: str = typer.Option(..., "--output", "-o", help="Stats file to write (.safetensors)."),
 ):
     """Convert reference TriAttention stats (.pt) to triattn's format, checked against the model."""
+    from . import checks
+
+    checks.input_file(ref, "reference stats file")
+    checks.model(model, "auto")
+    checks.output_file(output, "stats file")
     from .stats.reference import import_reference
 
     result = import_reference(ref, model)
@@ -159,12 +189,14 @@ def stats_export(
     output: str = typer.Option(..., "--output", "-o", help="File to write."),
 ):
     """Write stats in the reference TriAttention format, for its vLLM/SGLang plugins."""
-    from .errors import UserError
+    from . import checks
     from .stats.format import QueryStats
     from .stats.reference import export_reference
 
     if format != "reference":
-        raise UserError(f"unknown export format {format!r} (only 'reference')")
+        checks.fail(f"unknown export format {checks.printable(format)} (only 'reference')")
+    checks.stats_file(file)
+    checks.output_file(output, "exported stats file")
     export_reference(QueryStats.load(file), output)
     print(f"wrote {output}", file=sys.stderr)
 
@@ -186,37 +218,48 @@ def eval_command(
     jobs: int = typer.Option(1, help="Cells run in parallel processes."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16."),
-    out: str = typer.Option("results/fidelity", help="Folder for fidelity.json, fidelity.md, fidelity.png."),
+    out: Optional[str] = typer.Option(None, help="Folder for fidelity.json, fidelity.md, fidelity.png [default: a new "
+                                      "./triattn-eval-DATE-TIME; the shipped results change only with --out "
+                                      "results/fidelity]."),
     plot_only: bool = typer.Option(False, "--plot-only", help="Only redraw the plot from OUT/fidelity.json."),
 ):
     """Accuracy under a KV budget on held-out demo problems: TriAttention vs SnapKV, R-KV, H2O, StreamingLLM, full."""
-    from pathlib import Path
-
+    from . import checks
     from .errors import UserError
-    from .eval import EvalConfig, describe, plot, run_eval, write_results
+    from .eval import EvalConfig, describe, fresh_folder, plot, run_eval, write_results
     from .methods import check_method
     from .policy import BudgetPolicy
 
-    folder = Path(out)
+    if plot_only and out is None:
+        raise UserError("--plot-only needs --out FOLDER (the folder holding fidelity.json)")
+    folder = checks.output_dir(out, "--out folder") if out is not None else fresh_folder()
     if not plot_only:
-        names = [m.strip() for m in methods.split(",") if m.strip()]
+        names = [m.strip() for m in checks.text("--methods", methods).split(",") if m.strip()]
+        if not names:
+            raise UserError("--methods names no method")
         for m in names:
             if m != "full":
                 check_method(m)
-        try:
-            sizes = sorted({int(b) for b in budgets.split(",") if b.strip()})
-        except ValueError:
-            raise UserError(f"--budgets must be comma-separated integers (got {budgets!r})") from None
+        sizes = sorted(set(checks.integer_list("--budgets", budgets)))
+        for flag, value, low in (("--problems", problems, 1), ("--limit", limit, 1), ("--window", window, 0),
+                                 ("--divide-length", divide_length, 1), ("--sink", sink, 0),
+                                 ("--max-offset", max_offset, 1), ("--batch", batch, 1)):
+            checks.integer(flag, value, low)
+        checks.integer("--jobs", jobs, 1, 256)
+        checks.choice("--device", device, checks.DEVICES[:3])
+        checks.choice("--dtype", dtype, checks.DTYPES[:4])
         for b in sizes:
             BudgetPolicy(b, divide_length, window, sink, protect_prefill, pruning_mode)  # validates
+        checks.model(model, "auto")
         cfg = EvalConfig(model=model, problems=limit or problems, window=window, divide_length=divide_length,
                          sinks=sink, pruning_mode=pruning_mode, protect_prefill=protect_prefill, device=device,
                          dtype=dtype, batch=batch, max_offset=max_offset)
-        command = "triattn eval " + " ".join(sys.argv[2:])
+        command = " ".join(["triattn eval", *sys.argv[2:]]).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         def on_cell(cell, cells):  # results so far are on disk after every cell
             print(describe(cell), file=sys.stderr, flush=True)
             write_results(cells, cfg, folder, command)
 
+        print(f"writing results to {folder}/", file=sys.stderr)
         run_eval(cfg, names, sizes, jobs=jobs, on_cell=on_cell)
         print((folder / "fidelity.md").read_text())
     if not (folder / "fidelity.json").is_file():
@@ -225,7 +268,9 @@ def eval_command(
         plot(folder / "fidelity.json", folder / "fidelity.png")
         print(f"wrote {folder / 'fidelity.png'}", file=sys.stderr)
     except UserError as e:
-        print(f"note: {e}", file=sys.stderr)
+        if plot_only:
+            raise
+        print(f"note: {e}", file=sys.stderr)  # the results are written; only the plot is missing
 
 
 @app.command()
@@ -257,6 +302,27 @@ def serve(
 ):
     """Serve MODEL over the OpenAI API (chat and text completions), the KV cache of every request held to the budget."""
     options = dict(locals())
+    from . import checks
+
+    checks.text("--host", host)
+    checks.choice("--log-level", log_level, checks.LOG_LEVELS)
+    checks.choice("--device", device, checks.DEVICES)
+    checks.choice("--dtype", dtype, checks.DTYPES)
+    for flag, value, low in (("--budget", budget, 1), ("--divide-length", divide_length, 1), ("--window", window, 0),
+                             ("--sink", sink, 0), ("--max-tokens", max_tokens, 1), ("--parallel", parallel, 1),
+                             ("--max-conversations", max_conversations, 0),
+                             ("--conversation-memory", conversation_memory, 0)):
+        checks.integer(flag, value, low)
+    checks.integer("--port", port, 0, 65535)
+    checks.number("--temperature", temperature, 0, 2)
+    checks.number("--top-p", top_p, 0, 1, low_open=True)
+    if served_model_name is not None:
+        checks.text("--served-model-name", served_model_name)
+    if api_key is not None:
+        checks.text("--api-key", api_key)
+    checks.model(model, backend)
+    if stats is not None:
+        checks.stats_file(stats)
     from .serve.server import serve_command
 
     serve_command(**options)
@@ -271,6 +337,16 @@ def openclaw(
     config: str = typer.Option("~/.openclaw/openclaw.json", help="OpenClaw's config file."),
 ):
     """Print the OpenClaw provider entry for a running `triattn serve` (or merge it into OpenClaw's config)."""
+    from . import checks
+
+    checks.url("--url", url)
+    checks.text("--provider", provider)
+    if "/" in provider or any(c.isspace() for c in provider):
+        checks.fail(f"--provider {checks.printable(provider)}: no slashes or spaces (agents name PROVIDER/MODEL)")
+    if api_key is not None:
+        checks.text("--api-key", api_key)
+    if write:
+        checks.output_file(config, "OpenClaw config")
     from .serve.openclaw import openclaw_command
 
     openclaw_command(url=url, api_key=api_key, provider=provider, write=write, config=config)
@@ -293,17 +369,19 @@ def bench(
     plot_only: bool = typer.Option(False, "--plot-only", help="Only redraw OUT/bench.png from OUT/bench.json."),
 ):
     """Decode tok/s, step time, memory and roofline share on a CUDA GPU: full KV vs TriAttention vs transformers."""
-    from pathlib import Path
-
+    from . import checks
     from .errors import UserError
 
-    folder = Path(out)
+    folder = checks.output_dir(out, "--out folder")
     if not plot_only:
-        try:
-            contexts = [int(c) for c in context.split(",") if c.strip()]
-            batches = [int(b) for b in batch.split(",") if b.strip()]
-        except ValueError:
-            raise UserError("--context and --batch take comma-separated integers") from None
+        contexts = checks.integer_list("--context", context)
+        batches = checks.integer_list("--batch", batch)
+        for flag, value, low in (("--budget", budget, 1), ("--divide-length", divide_length, 1),
+                                 ("--steps", steps, 2), ("--hf-steps", hf_steps, 0)):
+            checks.integer(flag, value, low)
+        checks.number("--memory-gib", memory_gib, 0, 1e6, low_open=True)
+        if model is not None:
+            checks.model(model, "torch")
         from .backends.torch.bench import SHAPES, add_model_shape
 
         if model is not None:
@@ -376,13 +454,16 @@ def pull(
     calibration_tokens: Optional[int] = typer.Option(None, help="Calibrate on at most this many tokens of the shipped text (default: all of it)."),
 ):
     """Download a model into the Hugging Face cache, check it, and make its TriAttention stats: ready to run."""
-    from .errors import UserError
+    from . import checks
+    from .backends import choose_backend
+
+    checks.text("the model name", model)
+    choose_backend(backend)
+    checks.integer("--budget", budget, 1)
+    checks.integer("--divide-length", divide_length, 1)
+    checks.integer("--calibration-tokens", calibration_tokens, 1)
     from .pull import pull_model
 
-    if budget < 1 or divide_length < 1:
-        raise UserError("--budget and --divide-length must be at least 1")
-    if calibration_tokens is not None and calibration_tokens < 1:
-        raise UserError("--calibration-tokens must be at least 1")
     pull_model(model, backend=backend, force=force, budget=budget, divide_length=divide_length,
                calibration_tokens=calibration_tokens)
 
@@ -404,7 +485,11 @@ def show(
     budget: int = typer.Option(2048, help="KV budget for the memory line."),
 ):
     """Architecture, context length, quantization, KV memory and a stats summary of a model."""
+    from . import checks
     from .backends import choose_backend
+
+    checks.integer("--budget", budget, 1)
+    checks.model(model, backend)
     from .models import show_model
 
     show_model(model, choose_backend(backend)[0], budget=budget)
@@ -417,9 +502,11 @@ def rm(
 ):
     """Remove a pulled model: its record, its files in the Hugging Face cache (unless another name uses them) and
     its cached stats."""
+    from . import checks
     from .backends import choose_backend
     from .models import remove_model
 
+    checks.text("the model name", model)
     print(remove_model(model, choose_backend(backend)[0]), file=sys.stderr)
 
 
@@ -434,28 +521,57 @@ def main() -> None:
 
     from .errors import UserError
 
+    for stream in (sys.stdout, sys.stderr):  # text that cannot be encoded (undecodable argv bytes) is escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = app(standalone_mode=False)
     except NoArgsIsHelpError as e:
         print(e.ctx.get_help() if e.ctx else str(e))
         code = 0
     except ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
-        code = e.exit_code
+        print(f"error: {_one_line(e.format_message())}", file=sys.stderr)
+        code = 2
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    except BrokenPipeError:
-        code = 1
+    except BrokenPipeError:  # stdout closed early (`| head -c1`): what was read is all that was wanted
+        _silence_stdout()
+        code = 0
+    except SystemExit as e:  # click turns a closed stdout (EPIPE) into exit 1 after wrapping the streams
+        if not type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):
+            raise
+        _silence_stdout()
+        code = 0 if e.code == 1 else e.code
     except Exception as e:  # an internal error: one line, with a way to see the traceback
         if os.environ.get("TRIATTN_DEBUG"):
             raise
-        print(f"internal error: {type(e).__name__}: {e} (set TRIATTN_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"internal error: {type(e).__name__}: {_one_line(str(e))} (set TRIATTN_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         code = 1
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        _silence_stdout()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(message: str) -> str:
+    """A message as one line: a multi-line one (a converter's output) is joined with ' / '."""
+    return " / ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit does not fail again on a closed pipe."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Every method runs behind the same budget policy (sinks, recent window, divide le
 budget, on the same problems, greedily; full attention is the reference. Results: a JSON file, a markdown table
 (accuracy, 95 % Wilson interval, problem count per cell) and a PNG plot (accuracy vs budget and vs KV memory).
 Cells can run in several processes at once (--jobs), which keeps a GPU busy with this small model.
+Results go to a folder the user names or a fresh one, so a smoke run never overwrites the shipped results/fidelity.
 """
 
 from __future__ import annotations
@@ -63,34 +64,58 @@ class EvalConfig:
     batch: int = 256
     max_offset: int = 65536
     seed: int = 20261129
+    task: str = "auto"  # lagsum | ledger; auto: ledger for the `ledger` model, else the lagged sum
+
+
+def task_module(cfg: EvalConfig):
+    """The task whose held-out problems the model is tested on (its generator, parser and longest answer)."""
+    name = cfg.task
+    if name == "auto":
+        name = "ledger" if cfg.model == "ledger" else "lagsum"
+    if name == "ledger":
+        from .demo import ledger
+
+        return ledger
+    if name == "lagsum":
+        from .demo import task
+
+        return task
+    raise UserError(f"--task must be lagsum or ledger, not {name!r}")
+
+
+def max_answer_tokens(task) -> int:
+    """Enough new tokens for the longest reference response of the task."""
+    if hasattr(task, "MAX_TRADES"):
+        return 32 * task.MAX_TRADES + 64
+    return 10 * task.MAX_STEPS + 64
 
 
 def run_cell(cfg: EvalConfig, method: str, budget: int | None) -> Cell:
     """One (method, budget) cell: every problem, batched, greedy."""
     from .backends import load_engine
     from .batch import generate_batch
-    from .demo.task import MAX_STEPS, held_out_problems, parse_answer
     from .engine import CompressionSettings
     from .policy import BudgetPolicy
     from .sampling import SamplingParams
     from .stats_cache import resolve_stats
 
+    task = task_module(cfg)
     engine = load_engine(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    problems = held_out_problems(cfg.problems, seed=cfg.seed)
+    problems = task.held_out_problems(cfg.problems, **({"seed": cfg.seed} if cfg.task == "lagsum" else {}))
     if method == "full":
         settings = CompressionSettings(policy=None)
     else:
         policy = BudgetPolicy(budget, cfg.divide_length, cfg.window, cfg.sinks, cfg.protect_prefill, cfg.pruning_mode)
         stats = resolve_stats(engine, None) if method == "triattention" else None
         settings = CompressionSettings(policy=policy, stats=stats, method=method, max_offset=cfg.max_offset)
-    params = SamplingParams(max_tokens=10 * MAX_STEPS + 64, temperature=0.0)
+    params = SamplingParams(max_tokens=max_answer_tokens(task), temperature=0.0)
     start = time.perf_counter()
     results = []
     for i in range(0, len(problems), cfg.batch):
         chunk = problems[i:i + cfg.batch]
         prompts = [engine.encode_prompt(p.prompt) for p in chunk]
         results += generate_batch(engine, prompts, settings, params)
-    correct = sum(parse_answer(r.text) == p.answer for r, p in zip(results, problems))
+    correct = sum(task.parse_answer(r.text) == p.answer for r, p in zip(results, problems))
     n = len(results)
     return Cell(
         method=method, budget=budget, problems=n, correct=correct,
@@ -123,7 +148,7 @@ def run_eval(cfg: EvalConfig, methods, budgets, jobs: int = 1, on_cell=None) -> 
         return cells
     import multiprocessing as mp
 
-    with mp.get_context("spawn").Pool(jobs) as pool:
+    with mp.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
         for row in pool.imap_unordered(_cell_job, tasks):
             done(Cell(**row))
     return cells
@@ -136,12 +161,24 @@ def describe(c: Cell) -> str:
             f"n={c.problems} peak KV {c.mean_peak_kv_tokens:.0f} tok, {c.seconds:.0f} s")
 
 
+def fresh_folder(parent: Path | None = None) -> Path:
+    """A folder name not used yet: ./triattn-eval-DATE-TIME (with a counter when taken)."""
+    parent = Path.cwd() if parent is None else parent
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        folder = parent / (f"triattn-eval-{stamp}" + (f"-{n}" if n else ""))
+        if not folder.exists():
+            return folder
+    raise UserError(f"no free triattn-eval-{stamp}-N folder name in {parent}")
+
+
 def write_results(cells: list[Cell], cfg: EvalConfig, out: Path, command: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    from .files import write_atomic
+
     data = {"config": asdict(cfg), "command": command,
             "cells": [dict(asdict(c), accuracy=c.accuracy, interval95=c.interval()) for c in cells]}
-    (out / "fidelity.json").write_text(json.dumps(data, indent=1))
-    (out / "fidelity.md").write_text(markdown_table(cells, cfg, command))
+    write_atomic(out / "fidelity.json", json.dumps(data, indent=1))
+    write_atomic(out / "fidelity.md", markdown_table(cells, cfg, command))
 
 
 def markdown_table(cells: list[Cell], cfg: EvalConfig, command: str) -> str:
@@ -182,9 +219,18 @@ def plot(json_path: Path, png_path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("the plot needs matplotlib: pip install matplotlib") from None
-    data = json.loads(Path(json_path).read_text())
-    cells = data["cells"]
+        raise UserError("the plot needs matplotlib: pip install matplotlib "
+                        "(or install triattn with its eval extra: pip install -e \".[torch,eval]\")") from None
+    try:
+        data = json.loads(Path(json_path).read_bytes().decode("utf-8"))
+        cells = data["cells"]
+        for c in cells:  # every field the plot reads, with the types it needs
+            float(c["accuracy"]), float(c["mean_kv_bytes_peak"]), float(c["interval95"][1]), str(c["method"])
+            c["budget"] is None or int(c["budget"]), int(c["problems"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{json_path}: not a fidelity results file ({type(e).__name__}: {e})") from None
+    if not cells:
+        raise UserError(f"{json_path}: holds no results to plot")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     full = next((c for c in cells if c["method"] == "full"), None)
     for m in DEFAULT_METHODS:
@@ -211,4 +257,8 @@ def plot(json_path: Path, png_path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"demo model, {cells[0]['problems']} held-out problems per point (95 % Wilson intervals)")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    from .files import atomic_path
+
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
