@@ -1,0 +1,102 @@
+"""The ledger task: its generator, the checker that verifies traces, and the lookup distances it promises."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from triattn_local.demo import ledger
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return ledger.held_out_problems(40)
+
+
+def test_reference_responses_pass_the_checker(problems):
+    for p in problems:
+        assert ledger.check(p, p.response) == []
+        assert ledger.parse_answer(p.response) == p.answer
+        assert ledger.MIN_TRADES <= len(p.trades) <= ledger.MAX_TRADES
+        assert ledger.MIN_PEOPLE <= len(p.facts) <= ledger.MAX_PEOPLE
+
+
+def test_prompt_states_every_fact_and_trade(problems):
+    p = problems[0]
+    for person, value in p.facts:
+        assert f"{person} holds {value} {p.item}." in p.prompt
+    for i, (g, a, r) in enumerate(p.trades, 1):
+        assert f"\n{i}. {g} gives {a} to {r}.\n" in p.prompt
+    assert f"How many {p.item} does {p.asked} hold at the end?" in p.prompt
+
+
+def test_values_stay_single_digits_and_answer_follows_the_trades(problems):
+    for p in problems:
+        value = dict(p.facts)
+        for g, a, r in p.trades:
+            value[g] -= a
+            value[r] += a
+            assert 0 <= value[g] <= 9 and 0 <= value[r] <= 9
+        assert value[p.asked] == p.answer
+
+
+@pytest.mark.parametrize("corrupt, expected", [
+    (lambda line: line.replace("=", "=1", 1), "arithmetic wrong"),  # 7-3=14
+    (lambda line: line.replace(" gives ", " gives 1", 1), "copied wrong"),
+])
+def test_checker_catches_a_wrong_line(problems, corrupt, expected):
+    p = problems[1]
+    i = next(i for i, line in enumerate(p.thinking_lines) if ledger.TRADE_RE.match(line))
+    lines = list(p.thinking_lines)
+    lines[i] = corrupt(lines[i])
+    text = "<think>\n" + "\n".join(lines) + f"\n</think>\n\n{p.asked} holds {p.answer} {p.item}."
+    errors = ledger.check(p, text)
+    assert errors and (expected in errors[0] or "not a trade" in errors[0])
+
+
+def test_checker_catches_a_stale_value_and_a_wrong_answer(problems):
+    p = problems[2]
+    # replay the trace but start one trade from the prompt's value instead of the latest one
+    first = dict(p.facts)
+    seen = set()
+    for k, (g, a, r) in enumerate(p.trades):
+        if g in seen:
+            break
+        seen.update((g, r))
+    lines = [line for line in p.thinking_lines if ledger.TRADE_RE.match(line)]
+    m = ledger.TRADE_RE.match(lines[k])
+    wrong_start = first[g] if first[g] != int(m.group(6)) else (int(m.group(6)) + 1) % 10
+    stale = lines[k].replace(f". {g} {m.group(6)}-", f". {g} {wrong_start}-", 1)
+    text = p.response.replace(lines[k], stale)
+    assert any("stale" in e for e in ledger.check(p, text))
+    wrong = p.response.replace(f"holds {p.answer} {p.item}.", f"holds {(p.answer + 1) % 10} {p.item}.")
+    assert any("answer" in e for e in ledger.check(p, wrong))
+    assert "no </think>" in ledger.check(p, p.response.split("</think>")[0])[0]
+
+
+def test_held_out_problems_are_reproducible_and_unlike_training_draws():
+    a, b = ledger.held_out_problems(3), ledger.held_out_problems(3)
+    assert [p.prompt for p in a] == [p.prompt for p in b]
+    train = ledger.make_problem(random.Random(12345))
+    assert train.prompt not in {p.prompt for p in a}
+
+
+def test_lookup_distances_spread_over_orders_of_magnitude(problems):
+    """No fixed lag: the distance from a line back to a value it needs spans ~10 to thousands of tokens."""
+    from transformers import AutoTokenizer
+
+    from triattn_local.diagnose import lookup_distances
+
+    tok = AutoTokenizer.from_pretrained(str(ledger_model_dir()))
+    d = np.concatenate([lookup_distances(tok, p) for p in problems[:10]])
+    assert np.quantile(d, 0.1) < 60
+    assert np.quantile(d, 0.9) > 1000
+    assert (d > 512).mean() > 0.15  # a recent window of 512 tokens misses many lookups
+
+
+def ledger_model_dir():
+    from importlib import resources
+
+    return resources.files("triattn_local") / "demo" / "ledger_model"

@@ -1,0 +1,274 @@
+"""Is a model a fair test of KV eviction? Attention and query measures on solved problems (teacher forcing).
+
+For each layer, averaged over query heads and the queries of the assistant turn (see
+shared notes "fidelity-diagnostics"):
+- effective keys: exp(entropy) of a query's attention over the keys it sees;
+- top-64 share: attention mass on its 64 most-attended keys; sink mass: on the first 4 tokens;
+- oracle retention at budget B: every `next_n` queries (a compression round), keep per KV head the B older keys the
+  next `next_n` queries attend to most, and measure the share of those queries' attention to older keys that the
+  kept ones hold; random keeping (B random older keys) and recency (the B most recent) for comparison;
+- query concentration per (layer, head): the energy-weighted mean resultant length of the pre-RoPE queries (as
+  TriAttentionStats.concentration), on the same queries.
+Also the task's lookup distances (tokens from a trade line back to where each value it needs was last written), so
+one can see that no recent window holds every fact an answer needs.
+
+    python -m triattn_local.diagnose MODEL_DIR --problems 4 --budgets 256,512,1024 --out diag.json
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+SINKS = 4
+TOP = 64
+
+
+def conversation(tokenizer, problem) -> tuple[list[int], int]:
+    """Token ids of prompt + reference response as the chat template lays them out, and where the response starts."""
+    head = f"<|im_start|>user\n{problem.prompt}<|im_end|>\n<|im_start|>assistant\n"
+    start = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+    ids = tokenizer(head + problem.response + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    return ids, start
+
+
+def lookup_distances(tokenizer, problem) -> list[int]:
+    """For each trade line, tokens back to where each person's current value was last written (fact or line)."""
+    head = f"<|im_start|>user\n{problem.prompt}<|im_end|>\n<|im_start|>assistant\n"
+    text = head + problem.response
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    starts = np.array([a for a, _ in enc["offset_mapping"]])
+    tok_at = lambda ch: int(np.searchsorted(starts, ch, side="right") - 1)  # noqa: E731
+    last = {}
+    for m in re.finditer(r"(\w+) holds \d", problem.prompt):
+        last[m.group(1)] = tok_at(len("<|im_start|>user\n") + m.start())
+    out = []
+    base = len(head)
+    for m in re.finditer(r"^\d+\. \w+ gives \d to \w+\. (\w+) \d-\d=\d\. (\w+) \d\+\d=\d\.$|^Recap: (.*)\.$",
+                         problem.response, re.M):
+        at = tok_at(base + m.start())
+        if m.group(3):  # a recap: reads each value shown
+            people = [p.split(" ")[0] for p in m.group(3).split(", ")]
+        else:
+            people = [m.group(1), m.group(2)]
+        for p in people:
+            if p in last:
+                out.append(at - last[p])
+        if not m.group(3):
+            for p in people:
+                last[p] = at
+    return out
+
+
+def layer_measures(attn, start: int, budgets: list[int], next_n: int, kv_heads: int, rng) -> dict:
+    """Measures of one layer's attention [H, T, T] (rows: queries; float32 probabilities)."""
+    import torch
+
+    H, T, _ = attn.shape
+    q = attn[:, start:, :]  # the response's queries
+    ent = -(q.clamp_min(1e-30).log() * q).sum(-1)
+    res = {
+        "effective_keys": float(ent.exp().mean()),
+        "top64_share": float(q.topk(min(TOP, T), dim=-1).values.sum(-1).mean()),
+        "sink_mass": float(q[..., :SINKS].sum(-1).mean()),
+        "oracle": {}, "random": {}, "recent": {},
+    }
+    group = H // kv_heads
+    for B in budgets:
+        kept = {"oracle": [], "random": [], "recent": []}
+        for r in range(start, T - next_n + 1, next_n):
+            if r <= B:
+                continue
+            future = attn[:, r:r + next_n, :r].sum(1)  # [H, r]: attention the next queries pay to older keys
+            total = future.sum(-1)
+            per_kv = future.view(kv_heads, group, r).sum(1)
+            masks = {
+                "oracle": torch.zeros(kv_heads, r, dtype=torch.bool).scatter_(1, per_kv.topk(B, -1).indices, True),
+                "random": torch.zeros(kv_heads, r, dtype=torch.bool).scatter_(
+                    1, torch.stack([torch.from_numpy(rng.choice(r, B, replace=False)) for _ in range(kv_heads)]).to(
+                        attn.device), True),
+                "recent": torch.zeros(kv_heads, r, dtype=torch.bool),
+            }
+            masks["recent"][:, r - B:] = True
+            for name, m in masks.items():
+                held = (future * m.repeat_interleave(group, 0)).sum(-1)
+                kept[name].append(float((held / total).mean()))
+        for name in kept:
+            res[name][B] = float(np.mean(kept[name])) if kept[name] else None
+    return res
+
+
+def query_concentration(queries) -> np.ndarray:
+    """Per head mean resultant length of pre-RoPE queries [N, H, D] (rotate-half pairs f and f + D/2)."""
+    q = queries.double()
+    d = q.shape[-1] // 2
+    z = torch_complex(q[..., :d], q[..., d:])
+    mean = z.mean(0).abs()  # [H, D/2]
+    energy = z.abs().mean(0)
+    return ((mean * energy).sum(-1) / (energy * energy).sum(-1).clamp_min(1e-30)).cpu().numpy()
+
+
+def torch_complex(re_, im_):
+    import torch
+
+    return torch.complex(re_, im_)
+
+
+def diagnose(model_dir: str, problems, budgets: list[int], next_n: int = 128, device: str = "cpu",
+             seed: int = 0) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model.to(device).eval()
+    cfg = model.config
+    captured: dict[int, object] = {}
+    hooks = [layer.self_attn.q_norm.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(i, out))
+             for i, layer in enumerate(model.model.layers)]
+    rng = np.random.default_rng(seed)
+    per_layer: list[list[dict]] = [[] for _ in range(cfg.num_hidden_layers)]
+    queries: list[list] = [[] for _ in range(cfg.num_hidden_layers)]
+    lengths, distances = [], []
+    with torch.no_grad():
+        for p in problems:
+            ids, start = conversation(tokenizer, p)
+            lengths.append(len(ids))
+            distances += lookup_distances(tokenizer, p)
+            out = model(input_ids=torch.tensor([ids], device=device), output_attentions=True)
+            for i, a in enumerate(out.attentions):
+                per_layer[i].append(layer_measures(a[0].float(), start, budgets, next_n, cfg.num_key_value_heads, rng))
+                queries[i].append(captured[i][0, start:].float())  # [N, H, D]
+            del out
+    for h in hooks:
+        h.remove()
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        rows = per_layer[i]
+        conc = query_concentration(torch.cat(queries[i]))
+        entry = {k: float(np.mean([r[k] for r in rows])) for k in ("effective_keys", "top64_share", "sink_mass")}
+        for name in ("oracle", "random", "recent"):
+            entry[name] = {B: _mean([r[name][B] for r in rows]) for B in budgets}
+        entry["concentration"] = conc.tolist()
+        layers.append(entry)
+    conc_all = np.concatenate([np.asarray(l["concentration"]) for l in layers])
+    d = np.asarray(distances)
+    return {
+        "model": str(model_dir), "problems": len(problems), "mean_tokens": float(np.mean(lengths)),
+        "next_n": next_n, "budgets": budgets, "layers": layers,
+        "concentration_median": float(np.median(conc_all)),
+        "oracle": {B: _mean([l["oracle"][B] for l in layers]) for B in budgets},
+        "random": {B: _mean([l["random"][B] for l in layers]) for B in budgets},
+        "recent": {B: _mean([l["recent"][B] for l in layers]) for B in budgets},
+        "lookup_distance_quantiles": {q: float(np.quantile(d, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)},
+        "lookups_beyond": {B: float((d > B).mean()) for B in budgets},
+    }
+
+
+def greedy_accuracy(model_dir: str, problems, device: str = "cpu", batch: int = 100) -> dict:
+    """Full attention, greedy (transformers' generate): answers right, traces the checker passes, 95 % interval."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .demo.ledger import check, parse_answer
+    from .eval import max_answer_tokens, wilson_interval
+    from .demo import ledger
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    correct = traces = 0
+    failures = []
+    for i in range(0, len(problems), batch):
+        chunk = problems[i:i + batch]
+        prompts = [tokenizer(f"<|im_start|>user\n{p.prompt}<|im_end|>\n<|im_start|>assistant\n",
+                             add_special_tokens=False)["input_ids"] for p in chunk]
+        width = max(map(len, prompts))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, x in enumerate(prompts):
+            ids[r, width - len(x):] = torch.tensor(x)
+            mask[r, width - len(x):] = 1
+        with torch.no_grad():
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_answer_tokens(ledger), eos_token_id=eos, pad_token_id=pad)
+        for r, p in enumerate(chunk):
+            text = tokenizer.decode(out[r, width:], skip_special_tokens=True)
+            correct += parse_answer(text) == p.answer
+            errors = check(p, text)
+            traces += not errors
+            if errors and len(failures) < 20:
+                failures.append(errors[:3])
+    n = len(problems)
+    return {"problems": n, "correct": correct, "accuracy": correct / n, "interval95": wilson_interval(correct, n),
+            "traces_ok": traces, "failures": failures}
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def markdown(d: dict) -> str:
+    budgets = d["budgets"]
+    pct = lambda x: "–" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    lines = [f"{d['problems']} problems, mean {d['mean_tokens']:.0f} tokens; rounds every {d['next_n']} queries; "
+             f"query concentration median {d['concentration_median']:.3f}", "",
+             "| layer | effective keys | top-64 share | sink mass | conc. median | "
+             + " | ".join(f"oracle/random/recent B={B}" for B in budgets) + " |",
+             "|---" * (5 + len(budgets)) + "|"]
+    for i, l in enumerate(d["layers"]):
+        lines.append(f"| {i} | {l['effective_keys']:.1f} | {pct(l['top64_share'])} | {pct(l['sink_mass'])} | "
+                     f"{np.median(l['concentration']):.3f} | "
+                     + " | ".join(f"{pct(l['oracle'][B])} / {pct(l['random'][B])} / {pct(l['recent'][B])}"
+                                  for B in budgets) + " |")
+    lines.append("| all | | | | | " + " | ".join(
+        f"{pct(d['oracle'][B])} / {pct(d['random'][B])} / {pct(d['recent'][B])}" for B in budgets) + " |")
+    q = d["lookup_distance_quantiles"]
+    lines += ["", "Lookup distances (tokens back to the value a line needs): "
+              + ", ".join(f"p{int(100 * k)} {v:.0f}" for k, v in q.items())
+              + "; beyond each budget: " + ", ".join(f"B={B}: {pct(v)}" for B, v in d["lookups_beyond"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import argparse
+
+    from .demo.ledger import held_out_problems
+    from .files import write_atomic
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--problems", type=int, default=4)
+    ap.add_argument("--budgets", default="256,512,1024")
+    ap.add_argument("--next", type=int, default=128, help="queries per round (divide length)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-trades", type=int, default=None, help="only problems up to this many trades (CPU)")
+    ap.add_argument("--accuracy", type=int, default=0, metavar="N",
+                    help="also greedy full-attention accuracy on N held-out problems")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    problems = held_out_problems(4 * args.problems + 40)
+    if args.max_trades:
+        problems = [p for p in problems if len(p.trades) <= args.max_trades]
+    result = diagnose(args.model, problems[:args.problems], [int(b) for b in args.budgets.split(",")], args.next,
+                      args.device)
+    text = markdown(result)
+    if args.accuracy:
+        acc = greedy_accuracy(args.model, held_out_problems(args.accuracy), args.device)
+        result["full_attention"] = acc
+        lo, hi = acc["interval95"]
+        text += (f"\nFull attention, greedy: {acc['correct']}/{acc['problems']} = {100 * acc['accuracy']:.1f}% "
+                 f"[95 % interval {100 * lo:.1f}–{100 * hi:.1f}]; traces without any error: {acc['traces_ok']}\n")
+    print(text)
+    if args.out:
+        write_atomic(args.out, json.dumps(result, indent=1))
+        write_atomic(Path(args.out).with_suffix(".md"), text)
+
+
+if __name__ == "__main__":
+    main()
