@@ -133,7 +133,7 @@ class QueryStats:
             )
 
     def save(self, path: str | Path) -> None:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         self.validate(str(path))
         tensors = {
@@ -143,10 +143,10 @@ class QueryStats:
             "inv_freq": np.ascontiguousarray(self.inv_freq, dtype=np.float64),
             "freq_scale": np.ascontiguousarray(self.freq_scale, dtype=np.float64),
         }
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(path) + ".tmp")
-        save_file(tensors, str(tmp), metadata=self.meta.to_strings())
-        tmp.replace(path)  # never leave a half-written stats file behind
+        from ..files import write_atomic
+
+        # a unique name beside it, renamed over it: never a half-written stats file (a few hundred KiB at most)
+        write_atomic(path, save(tensors, metadata=self.meta.to_strings()))
 
     @classmethod
     def load(cls, path: str | Path) -> "QueryStats":

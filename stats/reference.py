@@ -228,17 +228,17 @@ def export_reference(stats: QueryStats, out_path: str | Path) -> None:
                 for t in PER_HEAD
             }
     data = {"metadata": reference_metadata(stats), "stats": entries}
-    tmp_dir = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=".triattn-export-", dir=out.parent))
-        tmp = tmp_dir / out.name
-        torch.save(data, str(tmp))
-        tmp.replace(out)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"{out}: cannot write ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-    finally:
-        if tmp_dir is not None:
+    from ..files import atomic_path, resolve_target
+
+    target = resolve_target(out)
+    with atomic_path(target) as final:  # mode kept, symlink followed, renamed over the target only when complete
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".triattn-export-", dir=final.parent))
+        try:
+            torch.save(data, str(tmp_dir / target.name))
+            (tmp_dir / target.name).replace(final)
+        except RuntimeError as e:  # torch's zip writer: a full disk, say
+            raise UserError(f"cannot write {out}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 

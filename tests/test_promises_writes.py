@@ -102,3 +102,116 @@ def test_openclaw_in_a_read_only_folder_is_one_line(tmp_path):
         with pytest.raises(UserError, match="cannot write"):
             merge(ro.path / "openclaw.json", "triattn", ENTRY)
         assert files_under(ro.path) == {"openclaw.json": b"{}"}
+
+
+# ---- convert, calibrate and stats: outputs ------------------------------------------------------------------------
+
+import sys  # noqa: E402
+
+from triattn_local.registry import demo_model_dir  # noqa: E402
+
+DEMO_STATS = demo_model_dir() / "triattn_stats.safetensors"
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """The triattn command in this process (so a stand-in full disk applies), as (exit code, stderr)."""
+    from triattn_local.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["triattn", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    return e.value.code, capsys.readouterr().err
+
+
+def one_line_error(code: int, err: str, *words: str) -> None:
+    """Exit 2 and one line of error (after any progress bar), no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert sum(line.startswith(("error", "internal error")) for line in lines) == 1, err
+    for w in words:
+        assert w in err, err
+
+
+@pytest.fixture
+def failing_converter(tmp_path):
+    """A llama.cpp tree whose converter writes half a file to --outfile and then fails, as on a crash."""
+    tree = tmp_path / "llama.cpp"
+    tree.mkdir()
+    (tree / "convert_hf_to_gguf.py").write_text(
+        "import sys\nout = sys.argv[sys.argv.index('--outfile') + 1]\n"
+        "open(out, 'wb').write(b'GGUF partial')\nsys.exit('converter crashed')\n")
+    return tree
+
+
+def test_a_failed_convert_keeps_the_old_gguf_and_the_users_tmp(tmp_path, monkeypatch, capsys, failing_converter):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.gguf").write_bytes(b"GGUF a good model")
+    (out / "model.gguf.tmp").write_bytes(b"the user's own file")
+    before = files_under(out)
+    code, err = cli(monkeypatch, capsys, "convert", "demo", "--to", "gguf", "-o", out, "--converter", failing_converter)
+    one_line_error(code, err, "converter failed", "converter crashed")
+    assert files_under(out) == before
+
+
+def test_convert_to_a_folder_where_the_gguf_goes_leaves_nothing(tmp_path, monkeypatch, capsys, failing_converter):
+    out = tmp_path / "out"
+    (out / "model.gguf").mkdir(parents=True)
+    code, err = cli(monkeypatch, capsys, "convert", "demo", "--to", "gguf", "-o", out, "--converter", failing_converter)
+    one_line_error(code, err, "directory")
+    assert [p.name for p in out.iterdir()] == ["model.gguf"] and not any((out / "model.gguf").iterdir())
+    file_out = tmp_path / "a-file"
+    file_out.write_text("x")
+    code, err = cli(monkeypatch, capsys, "convert", "demo", "--to", "gguf", "-o", file_out, "--converter",
+                    failing_converter)
+    one_line_error(code, err)
+    assert file_out.read_text() == "x"
+
+
+def test_sdist_names_that_leave_the_folder_are_refused():
+    from triattn_local.convert import _inside
+
+    assert _inside("gguf-py/gguf/__init__.py") and _inside("convert_hf_to_gguf.py")
+    for bad in ("gguf-py/../../../etc/passwd", "/etc/passwd", "conversion/..", "gguf-py\\..\\..\\x", ""):
+        assert not _inside(bad), bad
+
+
+def test_stats_writes_on_a_read_only_folder_are_one_line(tmp_path, monkeypatch, capsys):
+    exported = tmp_path / "ref.pt"
+    assert cli(monkeypatch, capsys, "stats", "export", DEMO_STATS, "-o", exported)[0] == 0
+    with read_only_folder(tmp_path, populate=lambda p: (p / "stats.safetensors").write_bytes(b"old")) as ro:
+        target = ro.path / "stats.safetensors"
+        for args in (["calibrate", "demo", "-o", target, "--max-tokens", "32"],
+                     ["stats", "import", exported, "--model", demo_model_dir(), "-o", target],
+                     ["stats", "export", DEMO_STATS, "-o", ro.path / "ref.pt"]):
+            code, err = cli(monkeypatch, capsys, *args)
+            one_line_error(code, err, "cannot write", str(ro.path))
+            assert "calibrat" not in err.lower() or args[0] != "calibrate"
+        assert files_under(ro.path) == {"stats.safetensors": b"old"}, ro.kind
+
+
+def test_stats_writes_on_a_full_disk_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys):
+    exported = tmp_path / "ref.pt"
+    assert cli(monkeypatch, capsys, "stats", "export", DEMO_STATS, "-o", exported)[0] == 0
+    with full_folder(tmp_path, monkeypatch, size_kib=64,
+                     populate=lambda p: (p / "stats.safetensors").write_bytes(b"old")) as full:
+        target = full.path / "stats.safetensors"
+        for args in (["calibrate", "demo", "-o", target, "--max-tokens", "32"],
+                     ["stats", "import", exported, "--model", demo_model_dir(), "-o", target],
+                     ["stats", "export", DEMO_STATS, "-o", full.path / "ref.pt"]):
+            code, err = cli(monkeypatch, capsys, *args)
+            one_line_error(code, err, "cannot write")
+            assert files_under(full.path) == {"stats.safetensors": b"old"}, (full.kind, args)
+
+
+def test_stats_keep_the_targets_mode_and_symlink(tmp_path, monkeypatch, capsys):
+    real = tmp_path / "real.safetensors"
+    real.write_bytes(b"old")
+    real.chmod(0o640)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(real)
+    assert cli(monkeypatch, capsys, "stats", "export", DEMO_STATS, "-o", tmp_path / "ref.pt")[0] == 0
+    code, err = cli(monkeypatch, capsys, "stats", "import", tmp_path / "ref.pt", "--model", demo_model_dir(), "-o", link)
+    assert code == 0, err
+    assert link.is_symlink() and mode(real) == 0o640 and real.read_bytes()[:8] != b"old"

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .files import atomic_path, check_writable
 from .registry import resolve_model
 from .stats_cache import STATS_FILE_NAME
 
@@ -43,21 +44,30 @@ def convert_to_gguf(model: str, output: str | None = None, outtype: str = "auto"
     if not (src / "config.json").is_file():
         raise UserError(f"{model}: not a Hugging Face model directory (no config.json)")
     name = "demo" if model == "demo" else src.name
-    out = Path(output) if output else Path.cwd() / f"{name}-gguf"
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(output).expanduser() if output else Path.cwd() / f"{name}-gguf"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{out}: is a file; -o names the output folder") from None
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     target = out / GGUF_NAME
+    check_writable(target)
     tree = find_converter(converter, quiet=quiet)
     paths = [str(tree / "gguf-py")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))  # the converter's own gguf-py comes first
-    cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(src), "--outfile", str(target),
-           "--outtype", outtype]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if result.returncode != 0 or not target.is_file():
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-3:])
-        raise UserError(f"llama.cpp's converter failed on {src}: {tail}")
-    fixed = fix_tokenizer(target, src, tree)
+    # the converter writes to a fresh temporary name beside the target: a failure leaves an old model.gguf as it was
+    with atomic_path(target) as tmp:
+        cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(src), "--outfile", str(tmp),
+               "--outtype", outtype]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if result.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+            tail = "; ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+            raise UserError(f"llama.cpp's converter failed on {src}: {tail}")
+        fixed = fix_tokenizer(tmp, src, tree)
     if (src / STATS_FILE_NAME).is_file():
-        shutil.copyfile(src / STATS_FILE_NAME, out / STATS_FILE_NAME)
+        with atomic_path(out / STATS_FILE_NAME) as stats_tmp:
+            shutil.copyfile(src / STATS_FILE_NAME, stats_tmp)
     if not quiet:
         note = f"; tokenizer fixed: {', '.join(fixed)}" if fixed else ""
         print(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB, {outtype}{note})", file=sys.stderr)
@@ -124,7 +134,11 @@ def _spm_dummy_prefix(model_dir: Path) -> bool:
 
 def _rewrite(gguf, reader, path: Path, changes: dict[str, tuple]) -> None:
     """Copy the GGUF with some key/values replaced or added (GGUF has no in-place resize), then swap it in."""
-    tmp = path.with_name(path.name + ".tmp")
+    with atomic_path(path) as tmp:
+        _copy_with_changes(gguf, reader, tmp, changes)
+
+
+def _copy_with_changes(gguf, reader, tmp: Path, changes: dict[str, tuple]) -> None:
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
     for field in reader.fields.values():
@@ -144,8 +158,6 @@ def _rewrite(gguf, reader, path: Path, changes: dict[str, tuple]) -> None:
     for t in reader.tensors:
         writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
     writer.close()
-    del reader
-    tmp.replace(path)
 
 
 def _import_gguf(tree: Path):
@@ -181,6 +193,11 @@ def find_converter(converter: str | None = None, quiet: bool = False) -> Path:
     return tree
 
 
+def _inside(name: str) -> bool:
+    """A relative archive name that stays inside the folder it is extracted to (no `..`, not absolute)."""
+    return bool(name) and not name.startswith(("/", "\\")) and ".." not in name.replace("\\", "/").split("/")
+
+
 def _fetch_converter(version: str, tree: Path, quiet: bool) -> None:
     """Download llama-cpp-python's sdist with pip and keep only the converter's files from its vendor/llama.cpp."""
     if not quiet:
@@ -198,11 +215,11 @@ def _fetch_converter(version: str, tree: Path, quiet: bool) -> None:
             for member in tar.getmembers():
                 parts = member.name.split("/", 3)  # <sdist>/vendor/llama.cpp/<rest>
                 if len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"] and member.isfile() \
-                        and any(parts[3] == k or parts[3].startswith(k) for k in _KEEP):
+                        and any(parts[3] == k or parts[3].startswith(k) for k in _KEEP) and _inside(parts[3]):
                     member.name = parts[3]
                     try:
                         tar.extract(member, staging, filter="data")
-                    except TypeError:  # Python without extraction filters (the names were checked above)
+                    except TypeError:  # Python without extraction filters: _inside checked the name
                         tar.extract(member, staging)
         if not (staging / "convert_hf_to_gguf.py").is_file():
             raise UserError(f"llama-cpp-python {version}'s source has no vendor/llama.cpp/convert_hf_to_gguf.py")

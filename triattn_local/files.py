@@ -59,6 +59,21 @@ def atomic_path(target: str | Path, *, private: bool = False) -> Iterator[Path]:
         raise
 
 
+def check_writable(target: str | Path, *, private: bool = False) -> None:
+    """Fail now, in one line, if `target` could not be written (a read-only folder, a directory at the path), so
+    that long work (calibration, conversion) is not thrown away at the end. Leaves nothing behind."""
+    dest = resolve_target(target)
+    if dest.is_dir():
+        raise UserError(f"cannot write {dest}: it is a directory")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise _os_error(dest, e) from None
+
+
 def _mode_for(dest: Path, private: bool) -> int:
     try:
         return stat.S_IMODE(dest.stat().st_mode)
