@@ -248,8 +248,9 @@ def show_model(name: str, backend: str, budget: int = 2048, divide_length: int =
         ("rope", f"{shape.rope_type}, theta {shape.rope_theta:g}"),
         ("quantization", quant),
     ]
-    kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * 2
-    rows.append(("KV cache (16-bit)", f"{kv / 1024:.0f} KiB/token: {gib(kv * (budget + divide_length))} at budget "
+    dtype, width = default_kv_dtype(backend)
+    kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * width
+    rows.append((f"KV cache ({dtype})", f"{kv / 1024:.0f} KiB/token: {gib(kv * (budget + divide_length))} at budget "
                                       f"{budget}, {gib(kv * shape.max_position_embeddings)} at full context"))
     stats_path = find_stats(path)
     if stats_path is None:
@@ -271,6 +272,20 @@ def show_model(name: str, backend: str, budget: int = 2048, divide_length: int =
     for label, value in rows:
         table.add_row(label, Text(value))
     _console().print(table)
+
+
+def default_kv_dtype(backend: str) -> tuple[str, int]:
+    """(name, bytes per value) of the KV cache `triattn run` keeps here with --dtype auto: float32 on a CPU (torch,
+    MLX), bfloat16 on a CUDA GPU, the model's 16-bit type on a Mac GPU, float16 on llama.cpp."""
+    if backend == "llamacpp":
+        return "float16", 2
+    if backend == "mlx":
+        import mlx.core as mx
+
+        return ("float32", 4) if mx.default_device() == mx.cpu else ("16-bit", 2)
+    import torch
+
+    return ("bfloat16", 2) if torch.cuda.is_available() else ("float32", 4)
 
 
 def _record_for(name: str, backend: str) -> PulledModel | None:

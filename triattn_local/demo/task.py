@@ -100,7 +100,10 @@ def main() -> None:
         print(calibration_text(args.calibration), end="")
         return
     p = make_problem(random.Random(args.seed), steps=args.steps)
-    print(p.answer if args.answer else p.prompt, end="")
+    if args.answer:
+        print(p.answer)  # a line of its own, like any command's output
+    else:
+        print(p.prompt, end="")  # exactly the prompt, for `| triattn run demo`
 
 
 if __name__ == "__main__":
