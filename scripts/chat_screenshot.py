@@ -115,7 +115,7 @@ async def shoot(out: Path, size: tuple[int, int], steps: int, seed: int) -> None
     from triattn_local.tui.store import ChatStore
 
     # Short enough for a CPU, long enough for a few compression rounds; a window that covers the task's lag.
-    config = ChatConfig(budget=512, divide_length=64, window=320, sink=4, temperature=0, max_tokens=2048)
+    config = ChatConfig(budget=512, divide_length=64, window=320, temperature=0, max_tokens=2048)
     chat = load_chat_session(config)
     problem = make_problem(random.Random(seed), steps=steps)
     with tempfile.TemporaryDirectory() as tmp:

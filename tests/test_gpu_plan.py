@@ -12,7 +12,7 @@ from triattn_local.backends.torch.plan import expand_keep, plan_keep_rows
 from triattn_local.compression import CompressionState
 from triattn_local.policy import BudgetPolicy
 from triattn_local.scorer import TriAttentionScorer
-from vectors_io import load_vectors, policy_for
+from vectors_io import load_vectors, mode_positions, policy_for, row_positions
 
 DEVICE = os.environ.get("TRIATTN_TEST_DEVICE", "cpu")
 MODES = ["per_layer_head", "per_head", "global"]
@@ -24,10 +24,7 @@ def test_torch_plan_equals_the_shared_vectors(mode):
     policy = policy_for(meta, mode)
     group = stats.meta.num_heads // stats.meta.num_kv_heads
     scores = torch.tensor(v["head_scores"], device=DEVICE)[None]  # [1, L, H, T]
-    if mode == "per_layer_head":
-        positions = v["positions_rows"].reshape(-1, v["keys"].shape[2])
-    else:
-        positions = v["positions_shared"][None].repeat(1 if mode == "global" else stats.meta.num_kv_heads, 0)
+    positions = row_positions(mode_positions(v, mode), mode)
     keep = plan_keep_rows(policy, scores, torch.tensor(positions, device=DEVICE)[None], group,
                           meta["group_aggregation"], meta["round_start"], meta["prompt_len"])
     np.testing.assert_array_equal(keep[0].cpu().numpy(), v[f"keep_{mode}"])
@@ -64,9 +61,9 @@ def test_torch_plan_equals_the_core_plan_on_a_batch_with_ties(mode, protect):
         batch_positions.append(state.row_positions().copy())
         keep, _ = state.plan(scores)
         want.append(keep)
-        last = state.round_start
+        seen = state.next_position
     got = plan_keep_rows(policy, torch.tensor(np.stack(batch_scores), device=DEVICE),
                          torch.tensor(np.stack(batch_positions), device=DEVICE), heads // kv_heads, "max",
-                         last, 20)
+                         seen, 20)
     got = expand_keep(got, layers, kv_heads, mode).cpu().numpy()
     np.testing.assert_array_equal(got, np.stack(want))

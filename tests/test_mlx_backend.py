@@ -23,7 +23,7 @@ from triattn_local.rope import from_complex_pairs, to_complex_pairs  # noqa: E40
 from triattn_local.scorer import TriAttentionScorer  # noqa: E402
 from test_scorer import random_stats  # noqa: E402
 from test_torch_backend import generate, synthetic_stats  # noqa: E402
-from vectors_io import load_vectors, policy_for  # noqa: E402
+from vectors_io import load_vectors, policy_keep  # noqa: E402
 
 MODES = ["per_layer_head", "per_head", "global"]
 PROMPT = [int(x) for x in np.random.default_rng(0).integers(5, 300, size=120)]  # several times the budget
@@ -54,14 +54,8 @@ def test_mlx_scorer_matches_shared_vectors():
         np.testing.assert_allclose(np.array(got), v["head_scores"][layer], rtol=1e-4, atol=1e-4)
     keys = [mx.array(k[None]) for k in v["keys"]]  # a batch of one: [1, kv_heads, T, D] per layer
     scores = layer_head_scores(keys, scorer, meta["round_start"])[0]
-    kv = scorer.group_scores(scores, meta["group_aggregation"])
     for mode in MODES:
-        policy = policy_for(meta, mode)
-        rows = policy.combine(kv)
-        pos = v["positions_rows"].reshape(-1, v["keys"].shape[2]) if mode == "per_layer_head" else \
-            np.broadcast_to(v["positions_shared"], rows.shape)
-        np.testing.assert_array_equal(policy.select(rows, pos, meta["round_start"], meta["prompt_len"]),
-                                      v[f"keep_{mode}"])
+        np.testing.assert_array_equal(policy_keep(stats, meta, v, scores, mode), v[f"keep_{mode}"])
 
 
 def test_mlx_scorer_interleaved_pairs_and_batches():

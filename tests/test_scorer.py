@@ -6,7 +6,7 @@ import pytest
 from triattn_local.rope import ModelShape, from_complex_pairs, to_complex_pairs
 from triattn_local.scorer import TriAttentionScorer, geometric_offsets
 from triattn_local.stats.format import QueryStats, meta_for_model
-from vectors_io import load_vectors, policy_for
+from vectors_io import load_vectors, policy_keep
 
 CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=2, num_attention_heads=6,
               num_key_value_heads=2, hidden_size=192, head_dim=32, rope_theta=50000.0, max_position_embeddings=8192)
@@ -86,9 +86,6 @@ def test_gqa_groups_use_their_own_kv_head():
     keys[1] = 1.0  # only KV head 1 has non-zero keys
     s = scorer.head_scores(0, keys, 10)
     assert np.all(s[:3] == 0) and np.all(s[3:] != 0)
-    grouped = scorer.group_scores(s[None], "max")
-    assert grouped.shape == (1, 2, 3)
-    np.testing.assert_allclose(grouped[0, 1], s[3:].max(axis=0))
 
 
 def test_reference_reproduces_shared_vectors():
@@ -98,11 +95,5 @@ def test_reference_reproduces_shared_vectors():
     for layer in range(stats.meta.num_layers):
         np.testing.assert_allclose(scorer.head_scores(layer, v["keys"][layer], meta["round_start"]),
                                    v["head_scores"][layer], rtol=1e-5, atol=1e-5)
-    kv = scorer.group_scores(v["head_scores"], meta["group_aggregation"])
     for mode in ("per_layer_head", "per_head", "global"):
-        policy = policy_for(meta, mode)
-        rows = policy.combine(kv)
-        pos = v["positions_rows"].reshape(-1, v["keys"].shape[2]) if mode == "per_layer_head" else \
-            np.broadcast_to(v["positions_shared"], rows.shape)
-        np.testing.assert_array_equal(policy.select(rows, pos, meta["round_start"], meta["prompt_len"]),
-                                      v[f"keep_{mode}"])
+        np.testing.assert_array_equal(policy_keep(stats, meta, v, v["head_scores"], mode), v[f"keep_{mode}"])

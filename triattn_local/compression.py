@@ -15,7 +15,7 @@ import numpy as np
 from .policy import BudgetPolicy
 
 if TYPE_CHECKING:
-    from .methods import KeyScorer  # anything with group_scores: TriAttentionScorer or a baseline
+    from .methods import KeyScorer  # anything with a group_size: TriAttentionScorer or a baseline
 
 
 @dataclass
@@ -99,14 +99,14 @@ class CompressionState:
 
     @property
     def round_start(self) -> int:
-        """Position of the newest cached token: future queries sit at round_start + offsets."""
-        return self._next - 1
+        """Tokens seen so far: future queries sit at round_start + offsets (the reference's round start)."""
+        return self._next
 
     def plan(self, head_scores: np.ndarray) -> tuple[np.ndarray, RoundRecord]:
         """Per-query-head scores [layers, heads, T] → slots to keep [layers, kv_heads, B] and the round's record."""
-        kv_scores = self.scorer.group_scores(head_scores, self.group_aggregation)
-        rows = self.policy.combine(kv_scores)
-        keep_rows = self.policy.select(rows, self.row_positions(), self.round_start, self.prompt_len)
+        candidates = self.policy.candidates(self.positions, self.prompt_len)
+        rows = self.policy.combine(head_scores, self.scorer.group_size, candidates, self.group_aggregation)
+        keep_rows = self.policy.select(rows, self.row_positions(), self.next_position, self.prompt_len)
         return self.apply(keep_rows)
 
     def apply(self, keep_rows: np.ndarray) -> tuple[np.ndarray, RoundRecord]:

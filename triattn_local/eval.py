@@ -56,7 +56,7 @@ class EvalConfig:
     problems: int = 200
     window: int = 32
     divide_length: int = 32
-    sinks: int = 4
+    sinks: int = 0  # the reference default; StreamingLLM keeps its own 4 sinks
     pruning_mode: str = "per_head"
     protect_prefill: bool = False
     device: str = "auto"

@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+
 import numpy as np
 
 from .errors import UserError
-from .scorer import TriAttentionScorer, geometric_offsets, group_scores
+from .scorer import TriAttentionScorer, geometric_offsets
 
 if TYPE_CHECKING:
     from .engine import CompressionSettings
@@ -41,7 +42,8 @@ class BaselineScorer:
     - rkv: λ·importance − (1 − λ)·redundancy (R-KV): importance is that attention averaged over the observation
       queries and max-pooled; redundancy is the softmax over keys of each key's mean cosine similarity to the other
       keys of its KV head, so near-duplicates score lower;
-    - streaming: the key's place in its row, i.e. its position order (StreamingLLM: sinks + the newest tokens);
+    - streaming: the key's place in its row, i.e. its position order, with its own 4 attention sinks first
+      (StreamingLLM: sinks + the newest tokens, whatever the policy's --sink);
     - h2o: attention each key has received from every query so far (H2O heavy hitters).
     """
 
@@ -51,11 +53,17 @@ class BaselineScorer:
     pool_kernel: int = 7
     rkv_lambda: float = 0.1  # the R-KV paper's λ
 
-    def group_scores(self, head_scores: np.ndarray, aggregation: str = "max") -> np.ndarray:
-        return group_scores(head_scores, self.group_size, aggregation)
-
 
 KeyScorer = TriAttentionScorer | BaselineScorer
+STREAMING_SINKS = 4  # StreamingLLM's attention sinks: part of the method, not of the shared policy
+
+
+def streaming_slot_scores(slots: int) -> np.ndarray:
+    """StreamingLLM's score of each cache slot [T]: the slot index (slots are in position order, so the newest win),
+    and the first STREAMING_SINKS slots, which hold the first positions from the start, above all."""
+    scores = np.arange(slots, dtype=np.float32)
+    scores[:STREAMING_SINKS] += slots + STREAMING_SINKS
+    return scores
 
 
 def make_scorer(settings: "CompressionSettings", shape: "ModelShape") -> KeyScorer:

@@ -1,14 +1,21 @@
 """The budget policy, written once: when to compress, and which cached positions each cache row keeps.
 
-Budget B, divide length N: the cache grows to B + N, then is cut back to B. The S sink positions (the first
-tokens), the W most recent tokens and, optionally, the prompt are always kept; the rest of the budget goes to the
-best-scored keys. Ties go to the earlier position, so every backend keeps the same set for the same scores.
+Budget B, divide length N: the cache grows to B + N, then is cut back to B. The W most recent tokens, optionally
+the prompt, and S sink positions (the first tokens; an extension, 0 by default as in the reference) are always kept;
+the rest of the budget goes to the best-scored keys. Ties go to the earlier position, so every backend keeps the same
+set for the same scores.
 
-Pruning modes say who chooses:
-- per_layer_head: every (layer, KV head) keeps its own positions;
-- per_head: each KV head keeps one set shared by all layers (scores averaged over layers);
-- global: one set for the whole cache (what llama.cpp can do, since its cells hold all layers and heads).
-Scores are z-normalised per (layer, KV head) before they are averaged across rows, since their scales differ.
+The order is the reference implementation's (WeianMao/triattention, its HF path and vLLM plugin):
+1. z-score each query head's scores over the candidate tokens (population std, clamped at 1e-6); with the prompt
+   protected, the candidates are the tokens after the prompt;
+2. aggregate over each GQA group (max by default) → one score per (layer, KV head);
+3. combine for the pruning mode:
+   - per_layer_head: every (layer, KV head) keeps its own positions;
+   - per_head: each KV head keeps one set shared by all layers, by the mean over layers;
+   - global: one set for the whole cache, by the max over every layer and head: the reference's union-based shared
+     selection (each head's top-B, then the best B of the union by that max) keeps exactly these, ties aside. It is
+     what llama.cpp can do, since its cells hold all layers and heads;
+4. top-B, with the window, sinks and protected prompt forced in.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ class BudgetPolicy:
     budget: int = 2048
     divide_length: int = 128
     window: int = 128
-    sinks: int = 4
+    sinks: int = 0
     protect_prefill: bool = False
     pruning_mode: str = "per_head"
 
@@ -75,36 +82,58 @@ class BudgetPolicy:
         """How many independent keep sets a round produces."""
         return {"per_layer_head": num_layers * num_kv_heads, "per_head": num_kv_heads, "global": 1}[self.pruning_mode]
 
-    def combine(self, kv_scores: np.ndarray) -> np.ndarray:
-        """[layers, kv_heads, T] scores → [rows, T], one row per independent choice of the pruning mode."""
-        layers, kv_heads, t = kv_scores.shape
-        if self.pruning_mode == "per_layer_head":
-            return kv_scores.reshape(layers * kv_heads, t)
-        z = _zscore(kv_scores.astype(np.float64))
-        if self.pruning_mode == "per_head":
-            return z.mean(axis=0)
-        return z.reshape(-1, t).mean(axis=0, keepdims=True)
+    def candidates(self, positions: np.ndarray, prompt_len: int) -> np.ndarray:
+        """Which slots each query head's z-score runs over: all of them, or those after a protected prompt."""
+        if self.protects_prompt(prompt_len):
+            return positions >= prompt_len
+        return np.ones(positions.shape, dtype=bool)
 
-    def select(self, scores: np.ndarray, positions: np.ndarray, last_position: int, prompt_len: int) -> np.ndarray:
+    def combine(self, head_scores: np.ndarray, group_size: int, candidates: np.ndarray,
+                aggregation: str = "max") -> np.ndarray:
+        """Per-query-head scores [layers, heads, T] → [rows, T], one row per independent choice of the pruning mode.
+
+        candidates: [layers, kv_heads, T] (or broadcastable) slots each KV head's query heads are normalised over.
+        """
+        layers, heads, t = head_scores.shape
+        mask = np.broadcast_to(candidates, (layers, heads // group_size, t))
+        mask = np.repeat(mask, group_size, axis=1)  # query head h uses the slots of its KV head h // group_size
+        z = _zscore(head_scores.astype(np.float64), mask)
+        grouped = z.reshape(layers, heads // group_size, group_size, t)
+        kv = grouped.max(axis=2) if aggregation == "max" else grouped.mean(axis=2)
+        if self.pruning_mode == "per_layer_head":
+            return kv.reshape(-1, t)
+        if self.pruning_mode == "per_head":
+            return kv.mean(axis=0)
+        return kv.reshape(-1, t).max(axis=0, keepdims=True)
+
+    def select(self, scores: np.ndarray, positions: np.ndarray, next_position: int, prompt_len: int) -> np.ndarray:
         """Indices [rows, B] into each row's cache slots to keep, in ascending position order.
 
-        scores, positions: [rows, T] with T ≥ B. last_position: the position of the newest cached token.
+        scores, positions: [rows, T] with T ≥ B. next_position: tokens seen so far (the newest cached token is
+        next_position − 1, and the window is the W positions before next_position).
         """
         rows, t = scores.shape
         keep = min(self.budget, t)
-        protected = (positions < self.sinks) | (positions > last_position - self.window)
-        if self.protects_prompt(prompt_len):
-            protected |= positions < prompt_len
         key = np.where(np.isnan(scores), -np.inf, scores.astype(np.float64))
-        key = np.where(protected, np.inf, key)
+        key = np.where(self.protected(positions, next_position, prompt_len), np.inf, key)
         out = np.empty((rows, keep), dtype=np.int64)
         for r in range(rows):
             order = np.lexsort((positions[r], -key[r]))[:keep]  # best score first, earlier position on ties
             out[r] = order[np.argsort(positions[r][order], kind="stable")]
         return out
 
+    def protected(self, positions: np.ndarray, next_position: int, prompt_len: int) -> np.ndarray:
+        """Slots always kept: the recent window, the sinks and (while it fits) the prompt."""
+        mask = (positions < self.sinks) | (positions >= next_position - self.window)
+        if self.protects_prompt(prompt_len):
+            mask |= positions < prompt_len
+        return mask
 
-def _zscore(x: np.ndarray) -> np.ndarray:
-    mean = x.mean(axis=-1, keepdims=True)
-    std = x.std(axis=-1, keepdims=True)
-    return (x - mean) / np.maximum(std, 1e-6)
+
+def _zscore(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """z-score along the last axis over the masked entries (population std, clamped at 1e-6, as the reference)."""
+    mask = mask & ~np.isnan(x)  # a NaN score is dropped at selection; it must not spoil its head's statistics
+    count = np.maximum(mask.sum(axis=-1, keepdims=True), 1)
+    mean = np.where(mask, x, 0.0).sum(axis=-1, keepdims=True) / count
+    var = np.where(mask, (x - mean) ** 2, 0.0).sum(axis=-1, keepdims=True) / count
+    return (x - mean) / np.maximum(np.sqrt(var), 1e-6)

@@ -22,7 +22,6 @@ from .stats.format import QueryStats
 
 DEFAULT_MAX_OFFSET = 65536
 OFFSET_AGGREGATIONS = ("mean", "max")
-GROUP_AGGREGATIONS = ("max", "mean")
 
 
 def geometric_offsets(max_offset: int = DEFAULT_MAX_OFFSET) -> np.ndarray:
@@ -80,14 +79,3 @@ class TriAttentionScorer:
         rot = np.exp(1j * t[:, None] * self.omega[None, :])  # [O, F]
         inner = self.q_mean[layer][:, None, :] * np.conj(k)  # [H, T, F]
         return np.einsum("htf,of,f->hto", inner, rot, self.scale_sq).real
-
-    def group_scores(self, head_scores: np.ndarray, aggregation: str = "max") -> np.ndarray:
-        """[..., heads, T] → [..., kv_heads, T]: one score per KV head, over its GQA group of query heads."""
-        return group_scores(head_scores, self.group_size, aggregation)
-
-
-def group_scores(head_scores: np.ndarray, group_size: int, aggregation: str = "max") -> np.ndarray:
-    """[..., heads, T] → [..., kv_heads, T] over GQA groups of group_size query heads (shared by every method)."""
-    shape = head_scores.shape
-    grouped = head_scores.reshape(shape[:-2] + (shape[-2] // group_size, group_size, shape[-1]))
-    return grouped.max(axis=-2) if aggregation == "max" else grouped.mean(axis=-2)

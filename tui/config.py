@@ -21,7 +21,7 @@ class ChatConfig:
     budget: int | None = DEFAULT_BUDGET  # None: full attention (no compression)
     divide_length: int = 128
     window: int = 128
-    sink: int = 4
+    sink: int = 0
     protect_prefill: bool = False
     pruning_mode: str = "auto"  # per_head, or what the backend can do (global on llama.cpp)
     stats: str | None = None  # stats file; None: next to the model, cached, or calibrated once

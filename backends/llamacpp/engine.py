@@ -25,7 +25,7 @@ import numpy as np
 
 from ...engine import CompressionSettings, Engine, SequenceRunner, Session
 from ...errors import UserError
-from ...methods import BaselineScorer, KeyScorer
+from ...methods import BaselineScorer, KeyScorer, streaming_slot_scores
 from ...stats_cache import STATS_FILE_NAME
 from . import gguf_file
 from .gguf_meta import model_shape, read_header
@@ -167,9 +167,9 @@ class LlamaCppRunner:
         if not np.array_equal(cached.positions, self.positions):
             raise RuntimeError("llama.cpp's cached positions differ from the ones this runner placed")
         shape = self.engine.shape
-        if isinstance(scorer, BaselineScorer):  # streaming: the slot index, so the newest tokens win
+        if isinstance(scorer, BaselineScorer):  # streaming: its sinks and the newest tokens
             t = len(self.positions)
-            return np.broadcast_to(np.arange(t, dtype=np.float32), (1, shape.num_layers, shape.num_heads, t)).copy()
+            return np.broadcast_to(streaming_slot_scores(t), (1, shape.num_layers, shape.num_heads, t)).copy()
         scores = [scorer.head_scores(layer, keys, round_start) for layer, keys in enumerate(cached.keys)]
         return np.stack(scores)[None]  # [1, layers, heads, T]
 

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from ...errors import UserError
-from ...methods import BaselineScorer, KeyScorer
+from ...methods import BaselineScorer, KeyScorer, streaming_slot_scores
 from . import scorer as mlx_scorer
 
 SUPPORTED = ("triattention", "streaming")
@@ -25,9 +25,9 @@ def check_scorer(scorer: KeyScorer | None) -> KeyScorer | None:
 
 
 def streaming_scores(layer_keys: list[mx.array], scorer: BaselineScorer) -> np.ndarray:
-    """The slot index: slots are in position order, so the policy keeps the sinks and the newest tokens."""
+    """StreamingLLM: its sinks and the newest tokens (methods.streaming_slot_scores)."""
     batch, kv_heads, t, _ = layer_keys[0].shape
-    slots = np.arange(t, dtype=np.float32)
+    slots = streaming_slot_scores(t)
     return np.broadcast_to(slots, (batch, len(layer_keys), kv_heads * scorer.group_size, t)).copy()
 
 

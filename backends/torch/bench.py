@@ -170,7 +170,7 @@ def bench_static(base, shape_stats, batch: int, context: int, budget: int | None
     if budget is None:
         capacity, scorer, state = context + steps + 1, None, None
     else:
-        policy = BudgetPolicy(budget, divide_length, window=128, sinks=4, pruning_mode="per_head")
+        policy = BudgetPolicy(budget, divide_length, window=128, pruning_mode="per_head")
         capacity = policy.capacity
         scorer = TriAttentionScorer(shape_stats)
         states = [CompressionState(policy, scorer, model.num_layers, model.kv_heads) for _ in range(batch)]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...methods import BaselineScorer
+from ...methods import BaselineScorer, streaming_slot_scores
 
 CAPTURE_PREFIX = "triattn+"
 RECORDER_KWARG = "triattn_recorder"
@@ -177,9 +177,10 @@ def _h2o(scorer: BaselineScorer, layer: int, keys: torch.Tensor, recorder: Atten
 
 
 def _streaming(scorer: BaselineScorer, layer: int, keys: torch.Tensor, recorder: None) -> torch.Tensor:
-    """The slot index: slots are in position order, so the policy keeps the sinks and the newest tokens."""
+    """StreamingLLM: its sinks and the newest tokens (methods.streaming_slot_scores)."""
     batch, kv_heads, t, _ = keys.shape
-    return torch.arange(t, dtype=torch.float32, device=keys.device).expand(batch, kv_heads * scorer.group_size, t)
+    slots = torch.from_numpy(streaming_slot_scores(t)).to(keys.device)
+    return slots.expand(batch, kv_heads * scorer.group_size, t)
 
 
 BASELINES = {"snapkv": _snapkv, "rkv": _rkv, "streaming": _streaming, "h2o": _h2o}

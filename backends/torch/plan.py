@@ -2,8 +2,9 @@
 
 For a batch of sequences the host form copies every score to the CPU and selects row by row; at batch 16 on an
 8B model that is 160 MB and a fifth of the decode time. This form does the same steps on the device — GQA group
-aggregation, z-normalised combination for the pruning mode, forced sinks / window / prompt, best scores with ties
-to the earlier position, kept slots in position order — and only the chosen indices travel to the host, where
+z-scores per query head over the candidate slots, GQA group aggregation, combination for the pruning mode, forced
+window / sinks / prompt, best scores with ties to the earlier position, kept slots in position order (policy.py
+gives the order and why) — and only the chosen indices travel to the host, where
 CompressionState.apply records the round. tests/test_gpu_plan.py checks it equals the core policy.
 """
 
@@ -14,26 +15,38 @@ import torch
 from ...policy import BudgetPolicy
 
 
-def combine_rows(head_scores: torch.Tensor, group_size: int, aggregation: str, mode: str) -> torch.Tensor:
-    """[B, layers, heads, T] → [B, rows, T] (float64): policy.combine after scorer.group_scores."""
+def combine_rows(policy: BudgetPolicy, head_scores: torch.Tensor, positions: torch.Tensor, group_size: int,
+                 aggregation: str, prompt_len: int) -> torch.Tensor:
+    """[B, layers, heads, T] → [B, rows, T] (float64): policy.combine, for a batch. positions: the rows' slot
+    positions [B, rows, T], from which each query head's candidate slots follow."""
     b, layers, heads, t = head_scores.shape
-    grouped = head_scores.reshape(b, layers, heads // group_size, group_size, t)
-    kv = grouped.amax(dim=3) if aggregation == "max" else grouped.mean(dim=3)
-    if mode == "per_layer_head":
-        return kv.reshape(b, -1, t).double()
-    x = kv.double()
-    z = (x - x.mean(dim=-1, keepdim=True)) / x.std(dim=-1, correction=0, keepdim=True).clamp_min(1e-6)
-    if mode == "per_head":
-        return z.mean(dim=1)
-    return z.reshape(b, -1, t).mean(dim=1, keepdim=True)
+    kv_heads = heads // group_size
+    rows_per_layer = 1 if policy.pruning_mode == "global" else kv_heads
+    slot_positions = positions.reshape(b, -1, rows_per_layer, t)  # [B, 1 or layers, kv_heads or 1, T]
+    if policy.protects_prompt(prompt_len):
+        mask = slot_positions >= prompt_len
+    else:
+        mask = torch.ones_like(slot_positions, dtype=torch.bool)
+    x = head_scores.double().reshape(b, layers, kv_heads, group_size, t)
+    mask = (mask.unsqueeze(3) & ~torch.isnan(x)).expand_as(x)  # query heads use their KV head's slots
+    count = mask.sum(dim=-1, keepdim=True).clamp_min(1)
+    mean = torch.where(mask, x, 0.0).sum(dim=-1, keepdim=True) / count
+    var = torch.where(mask, (x - mean) ** 2, 0.0).sum(dim=-1, keepdim=True) / count
+    z = (x - mean) / var.sqrt().clamp_min(1e-6)
+    kv = z.amax(dim=3) if aggregation == "max" else z.mean(dim=3)  # [B, layers, kv_heads, T]
+    if policy.pruning_mode == "per_layer_head":
+        return kv.reshape(b, -1, t)
+    if policy.pruning_mode == "per_head":
+        return kv.mean(dim=1)
+    return kv.reshape(b, -1, t).amax(dim=1, keepdim=True)
 
 
-def select_rows(policy: BudgetPolicy, scores: torch.Tensor, positions: torch.Tensor, last_position: int,
+def select_rows(policy: BudgetPolicy, scores: torch.Tensor, positions: torch.Tensor, next_position: int,
                 prompt_len: int) -> torch.Tensor:
     """policy.select for a batch: scores, positions [B, rows, T] → kept slot indices [B, rows, K], ascending."""
     t = scores.shape[-1]
     keep = min(policy.budget, t)
-    protected = (positions < policy.sinks) | (positions > last_position - policy.window)
+    protected = (positions < policy.sinks) | (positions >= next_position - policy.window)
     if policy.protects_prompt(prompt_len):
         protected |= positions < prompt_len
     key = torch.where(torch.isnan(scores), float("-inf"), scores.double())
@@ -47,10 +60,10 @@ def select_rows(policy: BudgetPolicy, scores: torch.Tensor, positions: torch.Ten
 
 
 def plan_keep_rows(policy: BudgetPolicy, head_scores: torch.Tensor, positions: torch.Tensor, group_size: int,
-                   aggregation: str, last_position: int, prompt_len: int) -> torch.Tensor:
+                   aggregation: str, next_position: int, prompt_len: int) -> torch.Tensor:
     """Per-query-head scores [B, layers, heads, T] and the rows' slot positions [B, rows, T] → keep [B, rows, K]."""
-    rows = combine_rows(head_scores, group_size, aggregation, policy.pruning_mode)
-    return select_rows(policy, rows, positions, last_position, prompt_len)
+    rows = combine_rows(policy, head_scores, positions, group_size, aggregation, prompt_len)
+    return select_rows(policy, rows, positions, next_position, prompt_len)
 
 
 def expand_keep(keep_rows: torch.Tensor, layers: int, kv_heads: int, mode: str) -> torch.Tensor:

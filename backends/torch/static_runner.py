@@ -88,7 +88,7 @@ class StaticRunner:
             policy = BudgetPolicy(max(2, capacity // 2), 1, window=1, sinks=1, pruning_mode=mode)
             rows = {"per_layer_head": m.num_layers * m.kv_heads, "per_head": m.kv_heads}.get(mode, 1)
             positions = torch.arange(capacity, device=self.device).expand(batch, rows, capacity)
-            plan_keep_rows(policy, scores, positions, heads // m.kv_heads, "max", capacity - 1, 0)
+            plan_keep_rows(policy, scores, positions, heads // m.kv_heads, "max", capacity, 0)
 
     @torch.inference_mode()
     def forward(self, token_ids, start_position: int) -> np.ndarray:
@@ -153,7 +153,7 @@ class StaticRunner:
         scores = self._scores(scorer, first.round_start)
         positions = torch.as_tensor(np.stack([s.row_positions() for s in states]), device=self.device)
         keep_rows = plan_keep_rows(policy, scores, positions, scorer.group_size, first.group_aggregation,
-                                   first.round_start, first.prompt_len)
+                                   first.next_position, first.prompt_len)
         self.compact(expand_keep(keep_rows, self.model.num_layers, self.model.kv_heads, policy.pruning_mode))
         return [state.record_round(rows) for state, rows in zip(states, keep_rows.cpu().numpy())]
 

@@ -8,21 +8,24 @@ slot indices of every pruning mode. Re-run only when the reference itself change
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from triattn_local.policy import PRUNING_MODES, BudgetPolicy
+from triattn_local.policy import PRUNING_MODES
 from triattn_local.rope import ModelShape
 from triattn_local.scorer import TriAttentionScorer
 from triattn_local.stats.format import QueryStats, meta_for_model
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+from vectors_io import policy_keep  # noqa: E402
 SEED = 1234
 CONFIG = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, hidden_size=128, head_dim=32, rope_theta=10000.0, max_position_embeddings=4096)
-T, ROUND_START = 96, 700
+T, ROUND_START = 96, 700  # ROUND_START: tokens seen; the newest cached position is ROUND_START - 1
 POLICY = dict(budget=48, divide_length=48, window=8, sinks=2, protect_prefill=True)
 PROMPT_LEN = 12
 
@@ -41,9 +44,9 @@ def make_positions(rng, rows: int) -> np.ndarray:
     """Per row, sorted original positions of a cache that earlier rounds already compacted."""
     out = np.empty((rows, T), dtype=np.int64)
     for r in range(rows):
-        recent = np.arange(ROUND_START - 15, ROUND_START + 1)
+        recent = np.arange(ROUND_START - 16, ROUND_START)
         sinks = np.arange(0, 4)
-        middle = rng.choice(np.arange(4, ROUND_START - 15), size=T - 20, replace=False)
+        middle = rng.choice(np.arange(4, ROUND_START - 16), size=T - 20, replace=False)
         out[r] = np.sort(np.concatenate([sinks, middle, recent]))
     return out
 
@@ -64,15 +67,9 @@ def main() -> None:
     head_scores_max = np.stack([scorer_max.head_scores(i, keys[i], ROUND_START) for i in range(shape.num_layers)])
     tensors = {"keys": keys, "positions_rows": positions_rows, "positions_shared": positions_shared,
                "head_scores": head_scores, "head_scores_max": head_scores_max}
-    kv_scores = scorer.group_scores(head_scores, "max")
+    meta = {"round_start": ROUND_START, "prompt_len": PROMPT_LEN, "policy": POLICY, "group_aggregation": "max"}
     for mode in PRUNING_MODES:
-        policy = BudgetPolicy(pruning_mode=mode, **POLICY)
-        rows = policy.combine(kv_scores)
-        if mode == "per_layer_head":
-            pos = positions_rows.reshape(-1, T)
-        else:
-            pos = np.broadcast_to(positions_shared, (rows.shape[0], T))
-        tensors[f"keep_{mode}"] = policy.select(rows, pos, ROUND_START, PROMPT_LEN)
+        tensors[f"keep_{mode}"] = policy_keep(stats, meta, tensors, head_scores, mode)
     meta = {"round_start": str(ROUND_START), "prompt_len": str(PROMPT_LEN), "policy": json.dumps(POLICY),
             "group_aggregation": "max", "config": json.dumps(CONFIG), "seed": str(SEED)}
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(HERE / "scorer_vectors.safetensors"),
