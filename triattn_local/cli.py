@@ -418,7 +418,7 @@ def doctor():
     from rich.table import Table
 
     from .backends import BACKENDS, IMPLEMENTED, choose_backend, installed
-    from .doctor import hardware, package_versions
+    from .doctor import PRUNING_MODES_BY_BACKEND, hardware, package_versions
     from .errors import UserError
 
     console = Console()
@@ -436,7 +436,7 @@ def doctor():
     for name in BACKENDS:
         state = "installed" if installed(name) else "not installed"
         state += "" if name in IMPLEMENTED else " · not implemented yet in triattn"
-        console.print(f"backend {name}: {state}")
+        console.print(f"backend {name}: {state} · pruning modes: {PRUNING_MODES_BY_BACKEND[name]}")
     try:
         chosen, why = choose_backend("auto")
         console.print(f"--backend auto picks [bold]{chosen}[/bold]: {why}")

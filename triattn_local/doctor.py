@@ -8,6 +8,14 @@ import os
 import platform
 import shutil
 
+# Every backend selects as the reference does (policy.py); llama.cpp's KV cells hold every layer and head at once,
+# so only one keep set for the whole cache is possible there.
+PRUNING_MODES_BY_BACKEND = {
+    "torch": "per_head (default), per_layer_head, global",
+    "mlx": "per_head (default), per_layer_head, global",
+    "llamacpp": "global only (one KV cell holds every layer and head)",
+}
+
 PACKAGES = ("torch", "transformers", "triton", "mlx", "mlx-lm", "llama-cpp-python", "numpy", "safetensors")
 
 
