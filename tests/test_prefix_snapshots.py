@@ -81,3 +81,41 @@ def test_no_snapshot_where_a_round_depended_on_the_whole_prompt(tiny_model_facto
     settings = CompressionSettings(policy=policy, stats=synthetic_stats(engine.shape))
     _, _, snapshots, _ = run(engine.session(settings), PROMPT, CUTS, n=2)
     assert snapshots == {37: None, 90: None, 121: None}
+
+
+# ---- the server's snapshot store (serve/conversations.py) -------------------------------------------------------
+
+
+def test_cuts_depend_on_the_ids_only_and_snapshots_sit_at_message_boundaries():
+    from triattn_local.serve.conversations import SNAPSHOT_STRIDE, cut_points, snapshot_points
+
+    end = 9
+    ids = [5] * 10 + [end] + [6] * 600 + [end] + [7, 7]
+    cuts = cut_points(ids, {end})
+    assert cuts == [11, SNAPSHOT_STRIDE, 2 * SNAPSHOT_STRIDE, 612]
+    assert [c for c in cut_points(ids[:300] + [8] * 400, {end}) if c <= 300] == [c for c in cuts if c <= 300]
+    assert snapshot_points(ids, {end}, chat=True) == [11, 612]
+    assert snapshot_points(ids, {end}, chat=False) == [612]
+    assert snapshot_points(ids[:-2], {end}, chat=True) == [11]  # never at the very end: one token must be fed
+
+
+def test_store_gives_the_longest_proper_prefix_and_forgets_the_least_recently_used():
+    from triattn_local.serve.conversations import SnapshotStore
+
+    store = SnapshotStore(max_snapshots=3, max_bytes=100)
+    store.put([1, 2], "system", 10)
+    store.put([1, 2, 3, 4], "turn 1", 10)
+    store.put([1, 2, 9], "other", 10)
+    m = store.match([1, 2, 3, 4, 5])
+    assert (m.snapshot, m.cached) == ("turn 1", 4)
+    assert store.match([1, 2, 3, 4]).snapshot == "system"  # a proper prefix only: one token is left to prefill
+    assert store.match([7, 1, 2]) is None
+    store.put([1, 2, 3, 4, 5, 6], "turn 2", 10)  # over the count: "other" (least recently used) goes
+    assert store.match([1, 2, 9, 9]).snapshot == "system" and len(store) == 3
+    assert store.has([1, 2, 3, 4, 5, 6]) and not store.has([1, 2, 9])
+    store.put([3], "big", 85)  # over the bytes: the least recently used go until it fits
+    assert store.total_bytes <= 100 and store.match([3, 4]).snapshot == "big"
+    assert store.match([1, 2, 3, 4, 5, 6, 7]).snapshot == "turn 2"
+    store.put([4], "too big", 101)
+    assert not store.has([4])
+    assert not SnapshotStore(0, 100).enabled and not SnapshotStore(4, 0).enabled

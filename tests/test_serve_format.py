@@ -51,3 +51,35 @@ def test_without_tools_tool_syntax_is_content_and_a_forced_think_starts_in_reaso
         {"reasoning": "I think.", "content": "So: 3.", "calls": []}
 
 
+
+
+def test_enable_thinking_false_closes_an_empty_think_block_and_never_samples_think():
+    """The demo's template knows no enable_thinking: render_chat writes the empty block Qwen3's template writes, and
+    the sampler may not open <think>; a template that opens <think> itself gets it closed."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from triattn_local.sampling import Sampler, SamplingParams
+    from triattn_local.serve.chat_format import EMPTY_THINK, render_chat
+    from triattn_local.serve.protocol import ChatCompletionRequest
+
+    tok = AutoTokenizer.from_pretrained("triattn_local/demo/model")
+    think = tok.convert_tokens_to_ids("<think>")
+
+    def request(**kwargs):
+        return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **kwargs)
+
+    on = render_chat(tok, request())
+    off = render_chat(tok, request(chat_template_kwargs={"enable_thinking": False, "preserve_thinking": True}))
+    assert off.text == on.text + EMPTY_THINK and off.ids[:len(on.ids)] == on.ids
+    assert off.suppress == (think,) and on.suppress == () and not off.starts_in_reasoning
+    assert render_chat(tok, request(chat_template_kwargs={"enable_thinking": True})).text == on.text
+    tok.chat_template = tok.chat_template + "{% if add_generation_prompt %}<think>\n{% endif %}"  # R1 style
+    assert render_chat(tok, request()).starts_in_reasoning
+    closed = render_chat(tok, request(chat_template_kwargs={"enable_thinking": False}))
+    assert closed.text.endswith("assistant\n" + EMPTY_THINK) and not closed.starts_in_reasoning
+    logits = np.zeros(len(tok), dtype=np.float32)
+    logits[think], logits[7] = 5.0, 4.0
+    assert Sampler(SamplingParams(temperature=0))(logits) == think
+    assert Sampler(SamplingParams(temperature=0, suppress=(think,)))(logits) == 7
+    assert Sampler(SamplingParams(temperature=1.0, seed=1, suppress=(think,)))(logits) != think
