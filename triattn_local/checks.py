@@ -67,6 +67,21 @@ def text(what: str, value: str) -> str:
     return value
 
 
+def nonempty(what: str, value: str) -> str:
+    """A name or path: not empty or only whitespace (undecodable bytes are fine in a path on Linux)."""
+    if not value.strip():
+        raise UserError(f"{what} is empty")
+    return value
+
+
+def escape_errors(error: UnicodeEncodeError) -> tuple[str, int]:
+    """Codec error handler for messages: undecodable argv bytes (lone surrogates) back as \\xNN, other
+    unencodable characters as \\uNNNN."""
+    bad = error.object[error.start:error.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}"
+                   for c in bad), error.end
+
+
 def decode(raw: bytes, what: str) -> str:
     """UTF-8 bytes (a leading byte-order mark dropped) to text, refusing anything else with the bad byte's offset."""
     try:
@@ -88,7 +103,7 @@ def _stat(path: Path, what: str, missing: str | None = None) -> os.stat_result:
 
 def input_file(path: str, what: str) -> Path:
     """A regular file that exists and can be opened for reading."""
-    p = Path(text(what, path)).expanduser()
+    p = Path(nonempty(what, path)).expanduser()
     import stat
 
     if stat.S_ISDIR(_stat(p, what, missing=f"{what} not found").st_mode):
@@ -107,9 +122,11 @@ def output_file(path: str, what: str) -> Path:
     """A file triattn may (re)write: not a directory, and its folder, if it exists, is a folder."""
     from .files import resolve_target
 
-    p = resolve_target(text(what, path))
+    p = resolve_target(nonempty(what, path))
     if p.is_dir():
         raise UserError(f"{path}: is a directory (give a file name for the {what})")
+    if p.exists() and not p.is_file():
+        raise UserError(f"{path}: not a regular file (a device or a pipe cannot take the {what})")
     for parent in p.parents:
         try:
             if os.path.exists(parent):
@@ -123,7 +140,7 @@ def output_file(path: str, what: str) -> Path:
 
 def output_dir(path: str, what: str) -> Path:
     """A folder triattn may write into: absent (made later) or a directory."""
-    p = Path(text(what, path)).expanduser()
+    p = Path(nonempty(what, path)).expanduser()
     if p.exists() and not p.is_dir():
         raise UserError(f"{path}: not a directory (the {what} is a folder)")
     for parent in p.parents:
@@ -147,15 +164,31 @@ def model(name: str, backend: str) -> None:
     from .backends import _pulled_for_another_backend, choose_backend
     from .registry import resolve_model
 
-    text("the model name", name)
+    nonempty("the model name", name)
     chosen, _ = choose_backend(backend)
     try:
-        path = resolve_model(name, backend=chosen)
-    except UserError:
-        if backend != "auto":
-            raise
-        chosen, path = _pulled_for_another_backend(name, chosen)
+        try:
+            path = resolve_model(name, backend=chosen)
+        except UserError:
+            if backend != "auto":
+                raise
+            chosen, path = _pulled_for_another_backend(name, chosen)
+    except OSError as e:  # a name too long for a path, ...
+        raise UserError(f"{printable(name)[:200]}: not a usable model name or path ({e.strerror or e})") from None
     model_path(path)
+
+
+def local_model(name: str) -> None:
+    """For `pull`: a name that is a local path must be a model (a registry name or repo is checked by the pull)."""
+    from .registry import looks_like_path
+
+    nonempty("the model name", name)
+    try:
+        local = looks_like_path(name)
+    except OSError:
+        local = True
+    if local:
+        model_path(Path(name).expanduser())
 
 
 def model_path(path: Path) -> None:

@@ -141,7 +141,7 @@ def convert(
     checks.choice("--outtype", outtype, ("auto", "f32", "f16", "bf16", "q8_0"))
     from .registry import resolve_model
 
-    checks.model_path(resolve_model(checks.text("the model name", model)))
+    checks.model_path(resolve_model(checks.nonempty("the model name", model)))
     if output is not None:
         checks.output_dir(output, "output")
     from .convert import convert_to_gguf
@@ -339,7 +339,8 @@ def openclaw(
     """Print the OpenClaw provider entry for a running `triattn serve` (or merge it into OpenClaw's config)."""
     from . import checks
 
-    checks.url("--url", url)
+    if url is not None:
+        checks.url("--url", url)
     checks.text("--provider", provider)
     if "/" in provider or any(c.isspace() for c in provider):
         checks.fail(f"--provider {checks.printable(provider)}: no slashes or spaces (agents name PROVIDER/MODEL)")
@@ -457,7 +458,7 @@ def pull(
     from . import checks
     from .backends import choose_backend
 
-    checks.text("the model name", model)
+    checks.local_model(model)
     choose_backend(backend)
     checks.integer("--budget", budget, 1)
     checks.integer("--divide-length", divide_length, 1)
@@ -506,7 +507,7 @@ def rm(
     from .backends import choose_backend
     from .models import remove_model
 
-    checks.text("the model name", model)
+    checks.nonempty("the model name", model)
     print(remove_model(model, choose_backend(backend)[0]), file=sys.stderr)
 
 
@@ -521,9 +522,14 @@ def main() -> None:
 
     from .errors import UserError
 
-    for stream in (sys.stdout, sys.stderr):  # text that cannot be encoded (undecodable argv bytes) is escaped
+    import codecs
+
+    from .checks import escape_errors
+
+    codecs.register_error("triattn-escape", escape_errors)
+    for stream in (sys.stdout, sys.stderr):  # undecodable argv bytes in a message come out as \xNN
         if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+            stream.reconfigure(errors="triattn-escape")
     try:
         code = app(standalone_mode=False)
     except NoArgsIsHelpError as e:

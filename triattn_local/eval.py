@@ -214,14 +214,6 @@ def markdown_table(cells: list[Cell], cfg: EvalConfig, command: str) -> str:
 def plot(json_path: Path, png_path: Path) -> None:
     """Accuracy vs budget and vs peak KV memory, one line per method, with the 95 % intervals."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("the plot needs matplotlib: pip install matplotlib "
-                        "(or install triattn with its eval extra: pip install -e \".[torch,eval]\")") from None
-    try:
         data = json.loads(Path(json_path).read_bytes().decode("utf-8"))
         cells = data["cells"]
         for c in cells:  # every field the plot reads, with the types it needs
@@ -231,6 +223,14 @@ def plot(json_path: Path, png_path: Path) -> None:
         raise UserError(f"{json_path}: not a fidelity results file ({type(e).__name__}: {e})") from None
     if not cells:
         raise UserError(f"{json_path}: holds no results to plot")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("the plot needs matplotlib: pip install matplotlib "
+                        "(or install triattn with its eval extra: pip install -e \".[torch,eval]\")") from None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     full = next((c for c in cells if c["method"] == "full"), None)
     for m in DEFAULT_METHODS:

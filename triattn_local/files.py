@@ -37,6 +37,8 @@ def atomic_path(target: str | Path, *, private: bool = False) -> Iterator[Path]:
     dest = resolve_target(target)
     if dest.is_dir():
         raise UserError(f"cannot write {dest}: it is a directory")
+    if dest.exists() and not dest.is_file():  # a device or a FIFO: renaming over it would replace it
+        raise UserError(f"cannot write {dest}: not a regular file")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
         fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -65,6 +67,8 @@ def check_writable(target: str | Path, *, private: bool = False) -> None:
     dest = resolve_target(target)
     if dest.is_dir():
         raise UserError(f"cannot write {dest}: it is a directory")
+    if dest.exists() and not dest.is_file():  # a device or a FIFO: renaming over it would replace it
+        raise UserError(f"cannot write {dest}: not a regular file")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
         fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
