@@ -32,7 +32,8 @@ def _err(message: str, code: int = 2) -> None:
 @app.command()
 def run(
     model: str = typer.Argument(..., help="Model: `demo` or a directory (Hugging Face format)."),
-    prompt: Optional[str] = typer.Argument(None, help="Prompt; read from stdin when omitted."),
+    prompt: Optional[str] = typer.Argument(None, help="Prompt, UTF-8 text (other bytes are refused, not guessed); "
+                                           "read from stdin when omitted."),
     no_compress: bool = typer.Option(False, "--no-compress", help="Full attention: no KV compression."),
     method: str = typer.Option("triattention", help="triattention | snapkv | rkv | streaming | h2o (the baselines need no stats).", rich_help_panel=POLICY_HELP),
     budget: int = typer.Option(2048, help="KV tokens kept per layer and head after each round.", rich_help_panel=POLICY_HELP),
@@ -52,7 +53,10 @@ def run(
     backend: str = typer.Option("auto", help="auto | torch | mlx | llamacpp."),
     kv_trace: Optional[str] = typer.Option(None, "--kv-trace", help="Write kept positions of every round as JSON lines."),
 ):
-    """Stream a completion for PROMPT, with the KV cache held to the budget."""
+    """Stream a completion for PROMPT, with the KV cache held to the budget.
+
+    PROMPT (or stdin when it is omitted) must be UTF-8 text that is not empty: other bytes are refused with the
+    offset of the first bad one, never guessed. Ctrl-C stops the generation and keeps what it wrote."""
     options = dict(locals())
     from .run import run_command
 
