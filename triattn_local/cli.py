@@ -297,6 +297,8 @@ def serve(
     temperature: float = typer.Option(0.6, help="Default when a request sets none (0 is greedy).", rich_help_panel=SAMPLING_HELP),
     top_p: float = typer.Option(0.95, help="Default when a request sets none.", rich_help_panel=SAMPLING_HELP),
     parallel: int = typer.Option(8, help="Requests generating at once (the others wait in line)."),
+    max_waiting: int = typer.Option(16, help="Requests that may wait for a slot; more get 429 (retry later)."),
+    allowed_hosts: Optional[str] = typer.Option(None, "--allowed-hosts", help="Comma-separated Host header names to answer besides localhost, 127.0.0.1 and [::1] ('*': any) [default without --api-key: those only, against DNS rebinding; with a key: any]."),
     max_conversations: int = typer.Option(64, help="Cache snapshots kept for prefix reuse, taken at message boundaries (0: none)."),
     conversation_memory: int = typer.Option(4096, help="MiB the kept cache snapshots may hold (least recently used go first; one is at most B + N tokens of K/V: 306 MiB for Qwen3-8B at the default budget)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -314,6 +316,7 @@ def serve(
     checks.choice("--dtype", dtype, checks.DTYPES)
     for flag, value, low in (("--budget", budget, 1), ("--divide-length", divide_length, 1), ("--window", window, 0),
                              ("--sink", sink, 0), ("--max-tokens", max_tokens, 1), ("--parallel", parallel, 1),
+                             ("--max-waiting", max_waiting, 0),
                              ("--max-conversations", max_conversations, 0),
                              ("--conversation-memory", conversation_memory, 0)):
         checks.integer(flag, value, low)

@@ -21,6 +21,7 @@ from .chat_format import OutputParser, Prompt, active_tools, encode_text, is_rea
 from .conversations import SnapshotStore
 from .errors import APIError
 from .generation import Run
+from .limits import LOOPBACK_HOSTS, HostCheck, LargeBodies, PromptLimits, busy_error
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import chat_response, completion_response, sse, stream_chat, stream_completion, whole
@@ -37,6 +38,8 @@ class ServeOptions:
     parallel: int = 8
     max_conversations: int = 64  # cache snapshots kept for prefix reuse
     conversation_bytes: int = 4 << 30
+    max_waiting: int | None = 16  # requests waiting for a generation slot before 429 (None: no bound)
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # Host header names served (None: any)
 
 
 class ServerState:
@@ -53,12 +56,14 @@ class ServerState:
         self.ready = threading.Event()
         self.created = int(time.time())
         self.reasoning = False
+        self.limits: PromptLimits | None = None
 
     def attach(self, engine, settings) -> None:
         """Called by the loader thread once the model is in memory."""
         self.engine, self.settings = engine, settings
         self.reasoning = is_reasoning_model(engine.tokenizer)
-        self.scheduler = Scheduler(engine, settings, self.store, self.options.parallel)
+        self.limits = PromptLimits(engine.tokenizer, engine.context_length)
+        self.scheduler = Scheduler(engine, settings, self.store, self.options.parallel, self.options.max_waiting)
         self.scheduler.start()
         self.ready.set()
 
@@ -77,6 +82,9 @@ class ServerState:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="triattn serve", version="1", docs_url=None, redoc_url=None)
     errors.install(app, state.options.api_key)
+    app.add_middleware(LargeBodies)  # outside the body limit: a large body waits for a slot before it is read
+    if state.options.allowed_hosts is not None:  # outside the body limit and the key check: refused first
+        app.add_middleware(HostCheck, allowed=state.options.allowed_hosts)
 
     app.add_middleware(CountRequests, metrics=state.metrics)  # outermost: counts 401 and 413 answers too
 
@@ -136,13 +144,14 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = state.require_ready()
         _check_model(state, body.model)
+        await state.limits.check(_chat_texts(body), "messages")  # an oversized prompt is never tokenised whole
         prompt: Prompt = await asyncio.to_thread(render_chat, engine.tokenizer, body)
         requested = body.max_completion_tokens or body.max_tokens
         params = _sampling(state, body, len(prompt.ids), requested, "messages")
         if prompt.suppress:
             params = replace(params, suppress=prompt.suppress)
         tools = active_tools(body)
-        job = Job(prompt.ids, params, True, asyncio.get_running_loop())
+        job = _admit(state, Job(prompt.ids, params, True, asyncio.get_running_loop()))
         parser = OutputParser(parse_tools=bool(tools), starts_in_reasoning=prompt.starts_in_reasoning)
         run = Run(state, job, parser)
         meta = _meta(state, "chatcmpl")
@@ -156,6 +165,7 @@ def create_app(state: ServerState) -> FastAPI:
         engine = state.require_ready()
         _check_model(state, body.model)
         if isinstance(body.prompt, str):
+            await state.limits.check([body.prompt], "prompt")
             ids = await asyncio.to_thread(encode_text, engine.tokenizer, body.prompt)
         else:
             tokenizer = engine.tokenizer
@@ -166,7 +176,7 @@ def create_app(state: ServerState) -> FastAPI:
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         params = _sampling(state, body, len(ids), body.max_tokens, "prompt")
-        job = Job(ids, params, False, asyncio.get_running_loop())
+        job = _admit(state, Job(ids, params, False, asyncio.get_running_loop()))
         run = Run(state, job, None)
         meta = _meta(state, "cmpl")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -178,6 +188,24 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 # ---- request → job ---------------------------------------------------------------------------------------------
+
+
+def _chat_texts(body: ChatCompletionRequest) -> list[str]:
+    """The text of a chat request that ends up in the prompt: contents, reasoning, tool call arguments."""
+    texts = []
+    for m in body.messages:
+        texts += [m.text(), m.reasoning_content or "", m.reasoning or ""]
+        for call in m.tool_calls or []:
+            if isinstance(call.function.arguments, str):
+                texts.append(call.function.arguments)
+    return [t for t in texts if t]
+
+
+def _admit(state: ServerState, job: Job) -> Job:
+    """A place in the wait line, or 429 when it is full."""
+    if not state.scheduler.admit(job):
+        raise busy_error(*state.scheduler.counts())
+    return job
 
 
 def _check_model(state: ServerState, model: str | None) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import queue
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -67,11 +68,13 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine, settings, store: SnapshotStore, parallel: int):
+    def __init__(self, engine, settings, store: SnapshotStore, parallel: int, max_waiting: int | None = None):
         self.engine = engine
         self.settings = settings
         self.store = store
         self.parallel = max(1, parallel)
+        self.max_waiting = max_waiting  # None: no bound on the wait line
+        self._admitted: weakref.WeakSet[Job] = weakref.WeakSet()  # admitted, not submitted yet (gone if dropped)
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque[Job] = deque()
         self.active: list[Job] = []
@@ -81,8 +84,21 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
+    def admit(self, job: Job) -> bool:
+        """Reserve a place for a job before its response starts: False when `parallel` requests generate and
+        `max_waiting` wait already (the handler answers 429). A job never submitted frees its place when dropped."""
+        with self._lock:
+            if self.max_waiting is not None:
+                pending = len(self.active) + len(self.waiting) + self.inbox.qsize() + len(self._admitted)
+                if pending >= self.parallel + self.max_waiting:
+                    return False
+            self._admitted.add(job)
+            return True
+
     def submit(self, job: Job) -> None:
         self.inbox.put(job)
+        with self._lock:
+            self._admitted.discard(job)
 
     def stop(self) -> None:
         self.inbox.put(None)

@@ -28,7 +28,7 @@ def served_name(model: str) -> str:
 def serve_command(model, host, port, api_key, served_model_name, no_compress, method, budget, divide_length, window,
                   sink, protect_prefill, pruning_mode, stats, max_tokens, temperature, top_p, parallel,
                   max_conversations, conversation_memory, device, dtype, backend, log_level,
-                  engine_factory=None) -> None:
+                  allowed_hosts=None, max_waiting=16, engine_factory=None) -> None:
     """Run the server until interrupted. engine_factory() → Engine replaces the usual loader (tests serve a
     scripted engine through it)."""
     from ..backends import choose_backend
@@ -50,6 +50,12 @@ def serve_command(model, host, port, api_key, served_model_name, no_compress, me
         raise UserError(f"--max-tokens must be at least 1 (got {max_tokens})")
     if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
         raise UserError("--temperature must be in [0, 2] and --top-p in (0, 1]")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty (so is TRIATTN_API_KEY if set): give a key, or leave it out for a "
+                        "server that only this machine can use")
+    if max_waiting < 0:
+        raise UserError(f"--max-waiting cannot be negative (got {max_waiting})")
+    hosts = _allowed_hosts(allowed_hosts, host, api_key)
     if stats and not Path(stats).expanduser().is_file():
         raise UserError(f"{stats}: stats file not found")
     if engine_factory is None and not resolve_model(model, backend=chosen).exists():  # unknown names, unpulled
@@ -60,7 +66,8 @@ def serve_command(model, host, port, api_key, served_model_name, no_compress, me
 
     from .app import ServeOptions, ServerState, create_app
 
-    options = ServeOptions(served_name=served_model_name or served_name(model), api_key=api_key or None,
+    options = ServeOptions(served_name=served_model_name or served_name(model), api_key=api_key,
+                           allowed_hosts=hosts, max_waiting=max_waiting,
                            max_tokens=max_tokens, temperature=temperature, top_p=top_p, parallel=parallel,
                            max_conversations=max_conversations, conversation_bytes=conversation_memory << 20)
     state = ServerState(options)
@@ -104,6 +111,23 @@ def serve_command(model, host, port, api_key, served_model_name, no_compress, me
             state.scheduler.stop()
     if failure:
         raise failure[0]
+
+
+def _allowed_hosts(value: str | None, host: str, api_key: str | None) -> tuple[str, ...] | None:
+    """Host header names to answer (None: any). Without a key only loopback names and the bound address, so a web
+    page cannot reach the model through DNS rebinding; with a key any, unless --allowed-hosts narrows it."""
+    from .limits import is_loopback, parse_allowed_hosts
+
+    if value is None and api_key is not None:
+        hosts = None
+    else:
+        hosts = parse_allowed_hosts(value, host)
+    bound = host.strip("[]")
+    if api_key is None and not is_loopback(bound):
+        served = "any Host header" if hosts is None else ", ".join(hosts)
+        print(f"triattn serve: warning: --host {host} without --api-key: anyone who can reach this machine can use "
+              f"the model (Host headers answered: {served}); set --api-key KEY", file=sys.stderr, flush=True)
+    return hosts
 
 
 def _bind(host: str, port: int) -> socket.socket:
