@@ -19,6 +19,7 @@ from textual.message import Message
 from textual.screen import Screen
 
 from ..errors import UserError
+from ..files import write_atomic
 from .chat_input import ChatInput
 from .commands import COMMANDS, SlashCommand, help_markdown, parse, parse_budget
 from .config import ChatConfig
@@ -28,7 +29,7 @@ from .kv_panel import KVPanel
 from .messages import AssistantMessage, Notice, UserMessage
 from .session import ChatSession, check_model, load_chat_session
 from .status_bar import StatusBar
-from .store import ChatStore
+from .store import ChatStore, StoreError
 from .stream import Chunk, Failed, Finished, FirstToken, KVUpdate, ThinkingEnded, relay
 from .turns import opens_thinking
 
@@ -87,6 +88,7 @@ class ChatApp(App):
         self.busy: str | None = None  # "loading" | "configuring" | "generating"
         self.reply: ChatMessage | None = None
         self.reply_view: AssistantMessage | None = None
+        self.unsaved: list[tuple[Conversation, ChatMessage]] = []  # replies the store refused; saved with the next
 
     # ---- layout ----------------------------------------------------------------------------------------------
 
@@ -178,7 +180,7 @@ class ChatApp(App):
         self.conversation.model = self.config.model
         self.conversation.settings = {"budget": self.config.budget}
         if self.conversation.id is not None:
-            self.store.save_conversation(self.conversation)
+            self._save_quietly(self.store.save_conversation, self.conversation)
         self._use(message.chat)
 
     @on(EngineFailed)
@@ -207,14 +209,24 @@ class ChatApp(App):
         if self.chat is None:
             await self.notice("no model is loaded: `/model NAME` loads one", error=True)
             return
-        box.clear()
-        await self.send(text)
+        if await self.send(text):
+            box.clear()  # only once the message is saved: else it stays in the box to send again
 
-    async def send(self, text: str) -> None:
-        """Add the user's message, then generate the reply in a thread."""
+    async def send(self, text: str) -> bool:
+        """Save the user's message, then generate the reply in a thread. False, with the error shown, when the
+        store refuses it (locked, corrupt, disk full): nothing is sent and the text stays in the box."""
         message = ChatMessage("user", text)
+        try:
+            while self.unsaved:  # replies the store refused before, in order
+                self.store.add_message(*self.unsaved[0])
+                self.unsaved.pop(0)
+            self.store.add_message(self.conversation, message)
+        except StoreError as e:
+            await self.notice(f"{e}; your message was not sent (it is still in the box: press Enter to retry)",
+                              error=True)
+            self._status(state="not saved")
+            return False
         self.conversation.messages.append(message)
-        self.store.add_message(self.conversation, message)
         log = self.query_one("#conversation", VerticalScroll)
         await log.mount(UserMessage(text))
         if not self.chat.in_sync:  # the whole conversation is prefilled into an empty cache: forget old rounds
@@ -227,6 +239,7 @@ class ChatApp(App):
         self.busy = "generating"
         self._status(state="prefilling…", speed="", ttft="")
         self._generate_thread(self.chat, self.conversation.system, self.conversation.history())
+        return True
 
     @work(thread=True, exclusive=True, group="generate")
     def _generate_thread(self, chat: ChatSession, system: str | None, history: list[dict]) -> None:
@@ -287,8 +300,25 @@ class ChatApp(App):
 
     def _end_reply(self) -> None:
         self.conversation.messages.append(self.reply)
-        self.store.add_message(self.conversation, self.reply)
         self.busy = None
+        try:
+            self.store.add_message(self.conversation, self.reply)
+        except StoreError as e:
+            self.unsaved.append((self.conversation, self.reply))
+            self._tell(f"{e}; the reply is kept here and saved with your next message")
+
+    def _save_quietly(self, save, *args) -> None:
+        """A store write whose failure is only shown (settings, the system prompt): the next write tries again."""
+        try:
+            save(*args)
+        except StoreError as e:
+            self._tell(str(e))
+
+    def _tell(self, error: str) -> None:
+        try:
+            self.notify(error, severity="error", title="chat store", timeout=10)
+        except Exception:  # noqa: BLE001 - quitting: the app is gone; run_chat reports what was not saved
+            pass
 
     def action_stop(self) -> None:
         """Esc: ask the engine to stop after the current step (Session.cancel is thread-safe)."""
@@ -324,7 +354,7 @@ class ChatApp(App):
         if self.chat is not None:
             self.chat.invalidate()
         if self.conversation.id is not None:
-            self.store.save_conversation(self.conversation)
+            self._save_quietly(self.store.save_conversation, self.conversation)
         await self.notice(f"system prompt: {arg}" if arg else "system prompt cleared")
 
     async def command_clear(self, arg: str) -> None:
@@ -337,10 +367,9 @@ class ChatApp(App):
 
     async def command_save(self, arg: str) -> None:
         path = Path(arg).expanduser()
-        try:
-            path.write_text(self.conversation.to_markdown(), encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        if not path.parent.is_dir():
+            raise UserError(f"cannot write {path}: no folder {path.parent}")
+        write_atomic(path, self.conversation.to_markdown().encode("utf-8"), private=True)  # UserError on failure
         await self.notice(f"saved {len(self.conversation.messages)} messages to `{path}`")
 
     async def command_model(self, arg: str) -> None:

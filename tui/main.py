@@ -43,7 +43,10 @@ def run_chat(model, resume, system, no_compress, budget, **options) -> None:
     config, store, conversation = prepare(model, resume, system, no_compress, budget, **options)
     from .app import ChatApp
 
+    app = ChatApp(config, store, conversation)
     try:
-        ChatApp(config, store, conversation).run()
+        app.run()
     finally:
         store.close()
+    if app.unsaved:  # the store refused them to the end: say so rather than lose them silently
+        raise UserError(f"{len(app.unsaved)} message(s) of this conversation could not be saved to {store.path}")
