@@ -33,13 +33,17 @@ def _install(prefix: Path) -> None:
     ping = subprocess.run([npm, "ping"], capture_output=True, text=True, timeout=60)
     if ping.returncode != 0:
         pytest.skip(f"the npm registry is unreachable ({(ping.stderr or ping.stdout).strip().splitlines()[-1:]})")
-    r = subprocess.run([npm, "install", "-g", "--prefix", str(prefix), "--no-audit", "--no-fund", "node@24",
-                        "openclaw"], capture_output=True, text=True, timeout=NPM_TIMEOUT)
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        if any(s in " ".join(tail) for s in ("ENOTFOUND", "ETIMEDOUT", "ECONNRESET", "EAI_AGAIN", "network")):
-            pytest.skip(f"npm could not download OpenClaw: {tail}")
-        raise AssertionError(f"npm install failed: {tail}")
+    # node 24 first; then openclaw by npm running on that node (on an older one npm links no bin/openclaw)
+    env = dict(os.environ, PATH=f"{prefix / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    for package in ("node@24", "openclaw"):
+        r = subprocess.run([npm, "install", "-g", "--prefix", str(prefix), "--no-audit", "--no-fund", package],
+                           capture_output=True, text=True, timeout=NPM_TIMEOUT, env=env)
+        if r.returncode != 0:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+            if any(s in " ".join(tail) for s in ("ENOTFOUND", "ETIMEDOUT", "ECONNRESET", "EAI_AGAIN", "network")):
+                pytest.skip(f"npm could not download {package}: {tail}")
+            raise AssertionError(f"npm install {package} failed: {tail}")
+    assert (prefix / "bin" / "openclaw").exists(), "npm installed openclaw without its bin link"
 
 
 @pytest.fixture(scope="module")
