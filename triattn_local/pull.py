@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
+from .files import write_atomic
 from .models import PulledModel, downloading_path, find_pulled, note_downloading, noted_downloads, save_record
 from .registry import Artifact, artifact_for, looks_like_path
 
@@ -313,8 +314,8 @@ def _write_ref(storage: Path, revision: str, commit: str) -> None:
     try:
         ref.parent.mkdir(parents=True, exist_ok=True)
         if not ref.is_file() or ref.read_text() != commit:
-            ref.write_text(commit)
-    except OSError:
+            write_atomic(ref, commit)
+    except (OSError, UserError):
         pass
 
 
