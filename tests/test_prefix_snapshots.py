@@ -119,3 +119,23 @@ def test_store_gives_the_longest_proper_prefix_and_forgets_the_least_recently_us
     store.put([4], "too big", 101)
     assert not store.has([4])
     assert not SnapshotStore(0, 100).enabled and not SnapshotStore(4, 0).enabled
+
+
+def test_llamacpp_restored_snapshot_continues_like_the_uninterrupted_session(tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    from test_llamacpp import STATS, convert
+
+    from triattn_local.backends import load_engine
+
+    engine = load_engine(str(convert("demo", tmp_path_factory.mktemp("demo-gguf"))), backend="llamacpp",
+                         dtype="float32")
+    policy = BudgetPolicy(budget=32, divide_length=8, window=4, sinks=2, pruning_mode="global")
+    settings = CompressionSettings(policy=policy, stats=STATS)
+    cold_tokens, cold_kept, snapshots, _ = run(engine.session(settings), PROMPT, CUTS)
+    snap = snapshots[90]
+    for _ in range(2):
+        warm = engine.session(settings)
+        warm.restore(snap)
+        tokens, kept, _, _ = run(warm, PROMPT[90:], CUTS)
+        assert tokens == cold_tokens and kept == cold_kept[snap.kv.rounds:]
+        assert np.array_equal(warm.runner.cells(), np.sort(warm.state.positions[0, 0]))
