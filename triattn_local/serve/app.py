@@ -21,7 +21,7 @@ from .chat_format import OutputParser, Prompt, active_tools, encode_text, is_rea
 from .conversations import SnapshotStore
 from .errors import APIError
 from .generation import Run
-from .limits import LOOPBACK_HOSTS, HostCheck, LargeBodies, PromptLimits, busy_error
+from .limits import LOOPBACK_HOSTS, BodyBudget, HostCheck, PromptLimits, busy_error
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import chat_response, completion_response, sse, stream_chat, stream_completion, whole
@@ -82,7 +82,7 @@ class ServerState:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="triattn serve", version="1", docs_url=None, redoc_url=None)
     errors.install(app, state.options.api_key)
-    app.add_middleware(LargeBodies)  # outside the body limit: a large body waits for a slot before it is read
+    app.add_middleware(BodyBudget)  # outside the body limit: a body waits for its share before it is read
     if state.options.allowed_hosts is not None:  # outside the body limit and the key check: refused first
         app.add_middleware(HostCheck, allowed=state.options.allowed_hosts)
 

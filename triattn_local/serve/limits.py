@@ -76,49 +76,55 @@ class HostCheck:
         return await self.app(scope, receive, send)
 
 
-# ---- large bodies -------------------------------------------------------------------------------------------------
+# ---- bodies in flight ---------------------------------------------------------------------------------------------
 
-LARGE_BODY = 1 << 20  # bytes; a body this large is past the context of most models (~250k tokens of text)
-LARGE_BODY_SLOTS = 4  # large bodies read and checked at once; the others wait, unread, in the socket
+BODY_BUDGET = 32 << 20  # bytes of request bodies read and parsed at once, all requests together
 
 
-class LargeBodies:
-    """Lets at most LARGE_BODY_SLOTS requests with large (or unannounced, chunked) bodies in at once, so that what
-    parsing them costs (the body, its JSON, the validated request: about four copies) is bounded whatever the number
-    of clients. A slot is given back when the response starts or the request ends."""
+class BodyBudget:
+    """Lets request bodies in only while those in flight total at most `budget` bytes (a body without a
+    Content-Length counts as the largest allowed); the others wait, unread, in their sockets. Parsing a body costs
+    about five copies of it (the bytes, the JSON, the validated request), so this bounds what prompts cost the server
+    whatever the number of clients. A body's share is given back when its response starts or the request ends; one
+    body alone always gets in."""
 
-    def __init__(self, app, slots: int = LARGE_BODY_SLOTS, threshold: int = LARGE_BODY):
-        self.app, self.threshold = app, threshold
-        self.semaphore = asyncio.Semaphore(slots)
+    def __init__(self, app, budget: int = BODY_BUDGET, largest: int | None = None):
+        from .errors import MAX_BODY_BYTES
+
+        self.app, self.budget, self.largest = app, budget, largest or MAX_BODY_BYTES
+        self.used = 0
+        self.changed = asyncio.Condition()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         try:
-            large = length is None or int(length) > self.threshold
+            need = min(max(int(length), 0), self.largest) if length is not None else self.largest
         except ValueError:
-            large = False  # BodyLimit answers 400
-        if not large:
-            return await self.app(scope, receive, send)
-        await self.semaphore.acquire()
+            need = 0  # BodyLimit answers 400 without reading it
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.used == 0 or self.used + need <= self.budget)
+            self.used += need
         held = True
 
-        def release():
+        async def release():
             nonlocal held
             if held:
                 held = False
-                self.semaphore.release()
+                async with self.changed:
+                    self.used -= need
+                    self.changed.notify_all()
 
         async def releasing_send(message):
             if message["type"] == "http.response.start":
-                release()
+                await release()
             await send(message)
 
         try:
             await self.app(scope, receive, releasing_send)
         finally:
-            release()
+            await release()
 
 
 # ---- prompt size --------------------------------------------------------------------------------------------------
