@@ -325,8 +325,9 @@ def describe(r: BenchRow) -> str:
 
 
 def write(rows: list[BenchRow], out: Path, meta: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(dict(meta, rows=[asdict(r) for r in rows]), indent=1))
+    from ...files import write_atomic
+
+    write_atomic(out / "bench.json", json.dumps(dict(meta, rows=[asdict(r) for r in rows]), indent=1))
 
 
 def plot(json_path: Path, png_path: Path) -> None:
@@ -357,4 +358,7 @@ def plot(json_path: Path, png_path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{data['shape']} shape, random bf16 weights, budget {data['budget']}, {data.get('gpu', '')}")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    from ...files import atomic_path
+
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
