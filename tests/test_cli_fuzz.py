@@ -388,6 +388,7 @@ def hostile_cases(root: Path) -> list[tuple[list[str], str, bytes]]:
         (["bench", "--memory-gib", "nan"], "--memory-gib", b""),
         (["bench", "--steps", "1"], "--steps", b""),
         (["bench", "/nope"], "no such model", b""),
+        (["bench", "--plot-only"], "--out", b""),
         (["nonsense"], "nonsense", b""),
         (["stats"], "", b""),
         ([], "", b""),

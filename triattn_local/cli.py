@@ -373,14 +373,23 @@ def bench(
     steps: int = typer.Option(257, help="Decode steps timed per configuration (rounds included)."),
     hf_steps: int = typer.Option(12, help="Steps for the transformers baseline (0 skips it)."),
     memory_gib: Optional[float] = typer.Option(None, help="Cap GPU memory (e.g. 24 to emulate an RTX 4090)."),
-    out: str = typer.Option("results/bench", help="Folder for bench.json and bench.png."),
+    out: Optional[str] = typer.Option(None, help="Folder for bench.json and bench.png [default: a new "
+                                      "./triattn-bench-DATE-TIME; the shipped results change only with --out "
+                                      "results/bench]."),
     plot_only: bool = typer.Option(False, "--plot-only", help="Only redraw OUT/bench.png from OUT/bench.json."),
 ):
     """Decode tok/s, step time, memory and roofline share on a CUDA GPU: full KV vs TriAttention vs transformers."""
     from . import checks
     from .errors import UserError
 
-    folder = checks.output_dir(out, "--out folder")
+    if plot_only and out is None:
+        raise UserError("--plot-only needs --out FOLDER (the folder holding bench.json)")
+    if out is not None:
+        folder = checks.output_dir(out, "--out folder")
+    else:
+        from .eval import fresh_folder
+
+        folder = fresh_folder("triattn-bench")
     if not plot_only:
         contexts = checks.integer_list("--context", context)
         batches = checks.integer_list("--batch", batch)

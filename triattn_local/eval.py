@@ -161,15 +161,15 @@ def describe(c: Cell) -> str:
             f"n={c.problems} peak KV {c.mean_peak_kv_tokens:.0f} tok, {c.seconds:.0f} s")
 
 
-def fresh_folder(parent: Path | None = None) -> Path:
-    """A folder name not used yet: ./triattn-eval-DATE-TIME (with a counter when taken)."""
+def fresh_folder(prefix: str = "triattn-eval", parent: Path | None = None) -> Path:
+    """A folder name not used yet: ./PREFIX-DATE-TIME (with a counter when taken)."""
     parent = Path.cwd() if parent is None else parent
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1000):
-        folder = parent / (f"triattn-eval-{stamp}" + (f"-{n}" if n else ""))
+        folder = parent / (f"{prefix}-{stamp}" + (f"-{n}" if n else ""))
         if not folder.exists():
             return folder
-    raise UserError(f"no free triattn-eval-{stamp}-N folder name in {parent}")
+    raise UserError(f"no free {prefix}-{stamp}-N folder name in {parent}")
 
 
 def write_results(cells: list[Cell], cfg: EvalConfig, out: Path, command: str) -> None:
