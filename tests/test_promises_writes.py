@@ -212,6 +212,7 @@ def test_stats_keep_the_targets_mode_and_symlink(tmp_path, monkeypatch, capsys):
     link = tmp_path / "link.safetensors"
     link.symlink_to(real)
     assert cli(monkeypatch, capsys, "stats", "export", DEMO_STATS, "-o", tmp_path / "ref.pt")[0] == 0
-    code, err = cli(monkeypatch, capsys, "stats", "import", tmp_path / "ref.pt", "--model", demo_model_dir(), "-o", link)
+    code, err = cli(monkeypatch, capsys, "stats", "import", tmp_path / "ref.pt", "--model", demo_model_dir(),
+                    "-o", link)
     assert code == 0, err
     assert link.is_symlink() and mode(real) == 0o640 and real.read_bytes()[:8] != b"old"

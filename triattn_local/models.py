@@ -68,7 +68,8 @@ def downloading_path(name: str, backend: str) -> Path:
 
 def note_downloading(name: str, backend: str, snapshot: Path, files: list[str]) -> None:
     before = noted_downloads(name, backend, snapshot)
-    write_atomic(downloading_path(name, backend), json.dumps({"path": str(snapshot), "files": sorted({*before, *files})}))
+    note = {"path": str(snapshot), "files": sorted({*before, *files})}
+    write_atomic(downloading_path(name, backend), json.dumps(note))
 
 
 def noted_downloads(name: str, backend: str, snapshot: Path) -> set[str]:

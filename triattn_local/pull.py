@@ -263,7 +263,8 @@ def _snapshot_dir(artifact: Artifact, commit: str) -> Path:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=artifact.repo, repo_type="model") / "snapshots" / commit
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=artifact.repo, repo_type="model")
+    return storage / "snapshots" / commit
 
 
 def _download(artifact: Artifact, commit: str, files: dict, force: bool, console) -> Path:
