@@ -100,3 +100,30 @@ def test_auto_pruning_mode_is_what_the_backend_can_do():
     settings = CompressionSettings(policy=policy, method="streaming")
     assert GlobalOnly("x").session(settings).compression.policy.pruning_mode == "global"
     assert policy.pruning_mode == "auto"  # the caller's settings are left as they were
+
+
+class DeviceScriptedRunner(ScriptedRunner):
+    """Returns its logits as a torch tensor once a loop asks for device logits (as the CUDA runners do)."""
+
+    def __init__(self, script):
+        super().__init__(script)
+        self.device_logits = False
+
+    def forward(self, token_ids, start_position):
+        import torch
+
+        logits = super().forward(token_ids, start_position)
+        return torch.from_numpy(logits) if self.device_logits else logits
+
+
+def test_the_loop_samples_logits_left_on_the_device():
+    """A runner that can keep logits on its device is asked to, and the loop samples the tensors it returns."""
+    import pytest
+
+    pytest.importorskip("torch")
+    runner = DeviceScriptedRunner("hello")
+    engine = ScriptedEngine("hello")
+    engine.new_sequence_runner = lambda scorer=None, capacity=None: SequenceRunner(runner)
+    events = list(engine.session().generate([ord("?")], SamplingParams(max_tokens=20, temperature=0)))
+    assert runner.device_logits
+    assert "".join(e.text for e in events if isinstance(e, TextEvent)) == "hello"

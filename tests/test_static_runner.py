@@ -148,3 +148,24 @@ def test_the_kernel_path_keeps_what_the_transformers_path_keeps(arch, mode, tiny
     assert tokens_s == tokens_d
     assert kept_s == kept_d
     assert max(lengths) == policy.capacity
+
+
+def test_full_attention_runs_on_the_growing_static_cache(tiny_model_factory, monkeypatch):
+    """--no-compress on the static path (CUDA) uses the same fast runner with a cache that grows, and gives
+    transformers' greedy tokens."""
+    path = str(tiny_model_factory("qwen3"))
+    monkeypatch.setattr(StaticRunner, "initial_capacity", 16)  # grow (copying the filled slots) several times
+    static = TorchEngine(path, device=DEVICE, dtype="float32", static_cache=True)
+    dynamic = TorchEngine(path, device=DEVICE, dtype="float32", static_cache=False)
+    prompt = list(range(5, 40))
+
+    def full(engine):
+        session = engine.session(CompressionSettings(policy=None))
+        tokens = [ev.token_id for ev in session.generate(prompt, SamplingParams(max_tokens=60, temperature=0.0))
+                  if isinstance(ev, TokenEvent)]
+        return tokens, session.runner.runner
+
+    tokens_s, runner = full(static)
+    tokens_d, _ = full(dynamic)
+    assert isinstance(runner, StaticRunner) and runner.grows and runner.capacity >= len(prompt) + 60
+    assert tokens_s == tokens_d

@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 from .compression import CompressionState, RoundRecord
-from .engine import CompressionSettings, Engine, KVMetrics, StreamingDetokenizer, _find_stop, kv_metrics
+from .engine import (CompressionSettings, Engine, KVMetrics, StreamingDetokenizer, _find_stop, keep_logits_on_device,
+                     kv_metrics)
 from .errors import UserError
 from .methods import make_scorer
 from .sampling import Sampler, SamplingParams
@@ -87,6 +88,7 @@ def generate_batch(engine: Engine, prompts: list[list[int]], settings: Compressi
     rows = [_Row(i, engine, settings, scorer, params, length) for i in range(len(prompts))]
     active = list(rows)  # the runner's batch, in order
     runner = engine.new_runner(scorer, settings.policy.capacity if settings.enabled else None)
+    keep_logits_on_device(runner)
     runner.reset()
     eos = engine.eos_token_ids()
     logical = 0  # tokens every active row has been fed

@@ -47,6 +47,7 @@ class TorchRunner:
     def __init__(self, engine: "TorchEngine", scorer: KeyScorer | None = None):
         self.engine = engine
         self.recorder: AttentionRecorder | None = None
+        self.device_logits = False  # engine.keep_logits_on_device turns it on for loops that sample with Sampler
         if isinstance(scorer, BaselineScorer) and scorer.method in RECORDING:
             enable_capture(engine.model)
             self.recorder = AttentionRecorder(scorer, engine.shape.num_layers)
@@ -67,7 +68,10 @@ class TorchRunner:
         cache = {self.engine.cache_kwarg: self.cache}
         out = self.engine.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **cache,
                                 **record)
-        return out.logits[:, -1].float().cpu().numpy()  # [B, vocab]: one copy to the host per step
+        logits = out.logits[:, -1].float()  # [B, vocab]
+        if self.device_logits and logits.device.type == "cuda":  # sampled there: only token ids go to the host
+            return logits
+        return logits.cpu().numpy()
 
     @torch.inference_mode()
     def head_scores(self, scorer: KeyScorer, round_start: int) -> np.ndarray:
@@ -178,16 +182,16 @@ class TorchEngine(Engine):
         return self._static_model
 
     def new_runner(self, scorer: KeyScorer | None = None, capacity: int | None = None):
-        """A runner; with a known capacity (TriAttention's B + N) and the static path on, the bounded-cache runner.
-        An AWQ model has only the static path: TriAttention (bounded, or growing without a capacity) and full
-        attention (a cache that grows)."""
+        """A runner. With the static path on (CUDA, or an AWQ model, which has only that path): TriAttention with a
+        known capacity (B + N) gets the bounded-cache runner, full attention (no scorer) the same runner with a cache
+        that grows, so `--no-compress` is measured on the same fast path. The baselines run on transformers."""
         triattention = isinstance(scorer, TriAttentionScorer) and scorer.offset_aggregation == "mean"
         if self.awq and not (scorer is None or triattention):
             what = (f"{scorer.method}" if isinstance(scorer, BaselineScorer)
                     else f"TriAttention with {scorer.offset_aggregation} offset aggregation")
             raise UserError(f"{self.model_id}: {what} needs the transformers path, which cannot load AWQ "
                             "checkpoints; this model runs TriAttention (the default) or full attention (--no-compress)")
-        if self.awq or (self.static_cache and capacity and triattention):
+        if self.awq or (self.static_cache and (scorer is None or (capacity and triattention))):
             from .static_runner import StaticRunner
 
             return StaticRunner(self.static_model(), capacity if triattention else None)

@@ -37,6 +37,7 @@ class StaticRunner:
         self.model.fused_decode = self.use_kernels  # the fused Triton decode step (decode_kernels.py)
         self.batch = 0
         self.step: GraphedDecodeStep | None = None
+        self.device_logits = False  # engine.keep_logits_on_device turns it on for loops that sample with Sampler
         self.reset()
 
     def reset(self) -> None:
@@ -105,6 +106,8 @@ class StaticRunner:
             slots = torch.arange(self.length, self.length + n, device=self.device)
             logits = self.model(tokens, positions, slots)
         self.length += n
+        if self.device_logits and self.device.type == "cuda":  # sampled there: only token ids go to the host
+            return logits.float()
         return logits.float().cpu().numpy()
 
     def keys(self, layer: int) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""The sampler: the partial-sort nucleus on the host and the torch form for GPUs keep the same tokens as a full sort,
+and draw from the same distribution as the full-sort sampler they replaced (a chi-square test)."""
+
+import numpy as np
+import pytest
+
+from triattn_local.sampling import Sampler, SamplingParams, nucleus, sample_on_device
+
+torch = pytest.importorskip("torch")
+
+
+def full_sort_nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The former sampler's rule: a stable sort of the whole vocabulary, the shortest prefix reaching top_p."""
+    order = np.argsort(-p, kind="stable")
+    cut = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1
+    return np.sort(order[:cut])
+
+
+def full_sort_probabilities(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    z = (logits - logits.max()) / temperature
+    p = np.exp(z) / np.exp(z).sum()
+    out = np.zeros_like(p)
+    keep = full_sort_nucleus(p, top_p)
+    out[keep] = p[keep] / p[keep].sum()
+    return out
+
+
+def distributions(seed: int):
+    """Sharp and flat distributions, with exact ties, on small and large vocabularies."""
+    rng = np.random.default_rng(seed)
+    yield rng.normal(size=50) * 4
+    yield rng.normal(size=5000) * 0.3  # flat: the nucleus needs thousands of tokens (k doubles many times)
+    ties = np.zeros(300)
+    ties[:40] = 2.0  # 40 equally likely tokens at the edge of the nucleus
+    ties[100:110] = 3.0
+    yield rng.permutation(ties)
+    yield rng.standard_cauchy(size=20000)
+    long_tail = rng.normal(size=100000) * 0.1
+    long_tail[7] = 10.0  # one token 10 nats above a mass of tail tokens that holds most of the probability
+    yield long_tail
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.95, 0.999])
+def test_nucleus_keeps_what_a_full_sort_keeps(top_p):
+    for logits in distributions(0):
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        np.testing.assert_array_equal(np.sort(nucleus(p, top_p)), full_sort_nucleus(p, top_p))
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.95])
+def test_device_form_keeps_what_a_full_sort_keeps(top_p):
+    """The torch form (run here on CPU tensors) gives zero probability outside the host nucleus: sample many times."""
+    for logits in distributions(1):
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        allowed = set(full_sort_nucleus(p, top_p).tolist())
+        gen = torch.Generator().manual_seed(0)
+        batch = torch.tensor(np.broadcast_to(logits, (400, logits.size)).copy())
+        drawn = sample_on_device(batch, SamplingParams(temperature=1.0, top_p=top_p), gen).tolist()
+        assert set(drawn) <= allowed
+
+
+def chi_square_ok(counts: np.ndarray, probs: np.ndarray, draws: int) -> bool:
+    """Pearson's chi-square against the expected counts, at the 0.1 % level (scipy-free: Wilson–Hilferty)."""
+    expected = probs * draws
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token outside the nucleus was drawn"
+    stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = keep.sum() - 1
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / np.sqrt(2 / (9 * dof))
+    return z < 3.09
+
+
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_same_distribution_as_the_full_sort_sampler(where):
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=200) * 2.5
+    params = SamplingParams(temperature=0.7, top_p=0.9, seed=3)
+    want = full_sort_probabilities(logits, params.temperature, params.top_p)
+    draws = 20000
+    if where == "host":
+        sampler = Sampler(params)
+        tokens = [sampler(logits) for _ in range(draws)]
+    else:
+        gen = torch.Generator().manual_seed(3)
+        batch = torch.tensor(np.broadcast_to(logits, (draws, logits.size)).copy())
+        tokens = sample_on_device(batch, params, gen).tolist()
+    counts = np.bincount(tokens, minlength=logits.size)
+    assert chi_square_ok(counts, want, draws)
+
+
+def test_greedy_is_the_argmax_everywhere_and_suppress_is_honoured():
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        logits = rng.normal(size=1000).astype(np.float32)
+        params = SamplingParams(temperature=0)
+        assert Sampler(params)(logits) == int(np.argmax(logits))
+        assert Sampler(params)(torch.tensor(logits)) == int(np.argmax(logits))
+        best = int(np.argmax(logits))
+        banned = SamplingParams(temperature=0, suppress=(best,))
+        assert Sampler(banned)(logits) != best and Sampler(banned)(torch.tensor(logits)) != best
+
+
+def test_seeded_sampling_repeats_on_both_paths():
+    logits = np.random.default_rng(9).normal(size=500).astype(np.float32)
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=11)
+    for convert in (lambda x: x, torch.tensor):
+        a, b = Sampler(params), Sampler(params)
+        assert [a(convert(logits)) for _ in range(30)] == [b(convert(logits)) for _ in range(30)]
