@@ -63,8 +63,8 @@ def literal_raw_scores(stats, keys: np.ndarray, tokens_seen: int, offsets=None) 
 def literal_select(raw: np.ndarray, positions: np.ndarray, tokens_seen: int, *, mode: str, budget: int,
                    window: int, sinks: int = 0, prompt_len: int = 0, protect_prompt: bool = False):
     """Raw scores [layers, heads, T] and each slot's original position [layers, kv_heads, T] → (kept slot indices,
-    the score each row ranked by): [layers·kv_heads, k] (per_layer_head), [kv_heads, k] (per_head) or [1, k]
-    (global)."""
+    the score each row ranked by, +inf where forced): [layers·kv_heads, k] (per_layer_head), [kv_heads, k]
+    (per_head) or [1, k] (global)."""
     layers, heads, t = raw.shape
     kv_heads = positions.shape[1]
     group = heads // kv_heads
@@ -87,11 +87,11 @@ def literal_select(raw: np.ndarray, positions: np.ndarray, tokens_seen: int, *, 
     if mode == "per_layer_head":
         rows = [(group_max[layer, g], positions[layer, g]) for layer in range(layers) for g in range(kv_heads)]
         keep = [top_k(score, pos, forced(pos), k) for score, pos in rows]
-        return np.array(keep), np.array([score for score, _ in rows])
+        return np.array(keep), np.array([np.where(forced(pos), np.inf, score) for score, pos in rows])
     if mode == "per_head":
         rows = [(group_max[:, g].mean(axis=0), positions[0, g]) for g in range(kv_heads)]
         keep = [top_k(score, pos, forced(pos), k) for score, pos in rows]
-        return np.array(keep), np.array([score for score, _ in rows])
+        return np.array(keep), np.array([np.where(forced(pos), np.inf, score) for score, pos in rows])
     # global, union-based: each query head's own top-k, then the best k of the union by the max over all heads
     pos = positions[0, 0]
     guarded = np.where(forced(pos), np.inf, 0.0)

@@ -10,7 +10,7 @@ from triattn_local.backends import load_engine
 from triattn_local.backends.torch.methods import BASELINES, key_redundancy, rkv_scores
 from triattn_local.engine import CompressionEvent, CompressionSettings, TokenEvent
 from triattn_local.errors import UserError
-from triattn_local.methods import METHODS, BaselineScorer, make_scorer
+from triattn_local.methods import METHODS, STREAMING_SINKS, BaselineScorer, make_scorer
 from triattn_local.policy import BudgetPolicy
 from triattn_local.sampling import SamplingParams
 
@@ -112,11 +112,14 @@ def test_h2o_accumulates_the_attention_every_key_received(tiny_model_factory):
 
 
 @pytest.mark.parametrize("mode", ["per_layer_head", "global"])
-def test_streaming_keeps_exactly_the_sinks_and_the_newest(mode, tiny_model_factory):
+@pytest.mark.parametrize("policy_sinks", [0, 6])
+def test_streaming_keeps_exactly_the_sinks_and_the_newest(mode, policy_sinks, tiny_model_factory):
+    """StreamingLLM keeps its own 4 sinks with the default policy (no sinks), and the policy's when it has more."""
     engine = load_engine(str(tiny_model_factory("llama")), device="cpu")
-    budget, sinks = 32, 3
+    budget, sinks = 32, max(policy_sinks, STREAMING_SINKS)
     prompt = [int(x) for x in np.random.default_rng(3).integers(5, 300, size=100)]
-    _, rounds, _ = run(engine, prompt, BudgetPolicy(budget, 8, 4, sinks, pruning_mode=mode), "streaming", 30)
+    policy = BudgetPolicy(budget, 8, 4, policy_sinks, pruning_mode=mode)
+    _, rounds, _ = run(engine, prompt, policy, "streaming", 30)
     assert len(rounds) >= 5
     for record in rounds:
         expected = list(range(sinks)) + list(range(record.step - (budget - sinks), record.step))
