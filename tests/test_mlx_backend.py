@@ -18,6 +18,7 @@ from triattn_local.backends.mlx.scorer import score_keys_metal, score_keys_mlx  
 from triattn_local.compression import CompressionState  # noqa: E402
 from triattn_local.engine import CompressionEvent, CompressionSettings  # noqa: E402
 from triattn_local.errors import UserError  # noqa: E402
+from triattn_local.methods import STREAMING_SINKS  # noqa: E402
 from triattn_local.policy import BudgetPolicy  # noqa: E402
 from triattn_local.rope import from_complex_pairs, to_complex_pairs  # noqa: E402
 from triattn_local.scorer import TriAttentionScorer  # noqa: E402
@@ -391,7 +392,8 @@ def test_streaming_baseline_and_unsupported_methods(engines):
     rounds = [e.record for e in mlx_engine.session(settings)._feed(PROMPT) if isinstance(e, CompressionEvent)]
     want = [e.record for e in torch_engine.session(settings)._feed(PROMPT) if isinstance(e, CompressionEvent)]
     assert rounds and kept(rounds) == kept(want)
-    assert rounds[-1].kept[0][2] == list(range(POLICY["sinks"])) + list(range(120 - 30, 120))
+    sinks = max(POLICY["sinks"], STREAMING_SINKS)  # StreamingLLM's own sinks
+    assert rounds[-1].kept[0][2] == list(range(sinks)) + list(range(120 - (POLICY["budget"] - sinks), 120))
     for method in ("snapkv", "rkv", "h2o"):
         with pytest.raises(UserError, match="not available with the mlx backend"):
             mlx_engine.session(CompressionSettings(policy, method=method))
