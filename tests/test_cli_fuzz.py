@@ -102,6 +102,12 @@ def sandbox(tmp_path_factory):
         mock.patch("triattn_local.serve.server._bind", _reached),
         mock.patch("triattn_local.tui.app.ChatApp", _StubApp),
     ]
+    # huggingface_hub reads its environment once, at import: an earlier test may have imported it already
+    from huggingface_hub import constants
+    patches += [mock.patch.object(constants, "HF_HUB_OFFLINE", True),
+                mock.patch.object(constants, "ENDPOINT", env["HF_ENDPOINT"]),
+                mock.patch.object(constants, "HF_HOME", env["HF_HOME"]),
+                mock.patch.object(constants, "HF_HUB_CACHE", str(root / "hf" / "hub"))]
     cwd = os.getcwd()
     for p in patches:
         p.start()

@@ -14,7 +14,7 @@ def test_bench_has_help():
 @pytest.mark.parametrize("args, words", [
     (["--shape", "qwen9-1t"], ["unknown shape", "qwen3-8b"]),
     (["--context", "4k"], ["comma-separated integers"]),
-    (["--batch", "0"], ["positive"]),
+    (["--batch", "0"], ["--batch", "between 1"]),
 ])
 def test_bench_rejects_bad_input_before_looking_for_a_gpu(args, words):
     assert_one_line_error(triattn("bench", *args), *words)
