@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -134,6 +135,7 @@ def main() -> None:
         for proc in (warm_proc, cold_proc):
             proc.terminate()
             proc.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)  # the model built here and the server logs
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Conversation reuse in `triattn serve`: time to first token of a later turn that continues the kept (compressed)
-cache, against a cold request of the same length, on the demo model.
+"""Prefix reuse in `triattn serve`: time to first token of a later turn that starts from a kept cache snapshot
+(taken after the conversation's last user message), against a cold request of the same length, on the demo model.
 
     python benchmarks/serve_multiturn.py [--turns 4 --repeats 3 --budget 2048 --device cpu --threads 1]
 
 Each repeat builds a conversation of --turns demo problems (the model thinks and answers each, greedy), then sends
 one more short user turn, streamed: the reused request. The cold request is the same conversation with its system
-prompt changed in one character (same token count, no kept conversation matches), also streamed. TTFT is measured
+prompt changed in one character, a different one each repeat (same token count, no snapshot matches), also streamed. TTFT is measured
 from sending a streamed one-token request to its first chunk after the role chunk. Prints one line per repeat and the medians.
 """
 
@@ -93,7 +93,7 @@ def main() -> None:
             messages = conversation(client, args.turns, seed=rep) + [
                 {"role": "user", "content": "What was the final value of the last problem?"}]
             warm, warm_usage = stream_ttft(client, messages)
-            cold_messages = [dict(messages[0], content="Solve each problem!")] + messages[1:]
+            cold_messages = [dict(messages[0], content="Solve each problem" + "!?;:,"[rep % 5])] + messages[1:]
             cold, cold_usage = stream_ttft(client, cold_messages)
             assert warm_usage.prompt_tokens == cold_usage.prompt_tokens
             cold_times.append(cold)

@@ -105,6 +105,20 @@ def test_second_turn_starts_from_the_first_turns_snapshot(server):
     assert third.usage.prompt_tokens_details.cached_tokens == len("_system\nSolve it._")
 
 
+def test_thinking_off_gives_a_reply_without_reasoning(server):
+    """The demo model always thinks; with enable_thinking false its prompt ends in an empty <think> block (the
+    server writes it: the demo's template has no switch) and <think> is never sampled."""
+    problem = demo_problem(10, seed=4)
+    r = server.client().chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": problem.prompt}], temperature=0, max_tokens=40,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert r.choices[0].message.reasoning_content is None and r.usage.completion_tokens_details.reasoning_tokens == 0
+    assert "<think>" not in (r.choices[0].message.content or "") and r.choices[0].message.content
+    on = server.client().chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": problem.prompt}], temperature=0, max_tokens=40)
+    assert on.usage.completion_tokens_details.reasoning_tokens > 0  # the same request thinks otherwise
+
+
 def test_text_completions_compress_and_continue(server):
     client = server.client()
     prompt = demo_problem(300, seed=3).prompt * 6  # ~2400 tokens: past the budget, so prefill compresses
