@@ -100,3 +100,38 @@ def ledger_model_dir():
     from importlib import resources
 
     return resources.files("triattn_local") / "demo" / "ledger_model"
+
+
+def test_padding_reaches_the_length_and_keeps_the_problem(problems):
+    """Batched evaluation pads shorter prompts with filler prose; the facts, trades and answer stay as they were."""
+    from tokenizers import Tokenizer
+
+    from triattn_local.registry import ledger_model_dir
+
+    tok = Tokenizer.from_file(str(ledger_model_dir() / "tokenizer.json"))
+    count = lambda text: len(tok.encode(text).ids)  # noqa: E731
+    short = min(problems[:10], key=lambda p: count(p.prompt))
+    target = count(short.prompt) + 157
+    padded = ledger.pad_to(short, target, count)
+    assert padded is not None and count(padded.prompt) == target
+    assert padded.answer == short.answer and padded.trades == short.trades and padded.response == short.response
+    assert ledger.check(padded, short.response) == []
+    assert ledger.pad_to(short, count(short.prompt) - 1, count) is None  # cannot shorten
+
+
+def test_eval_batches_hold_one_prompt_length_and_every_problem(problems):
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    from triattn_local.eval import length_matched
+    from triattn_local.registry import ledger_model_dir
+
+    tok = Tokenizer.from_file(str(ledger_model_dir() / "tokenizer.json"))
+    engine = SimpleNamespace(encode_prompt=lambda text: tok.encode(text).ids)
+    batches = length_matched(problems[:12], engine, ledger, 4)
+    assert all(b and len({len(ids) for ids, _ in b}) == 1 for b in batches)
+    assert all(len(b) <= 4 for b in batches)
+    solved = [p for b in batches for _, p in b]
+    assert sorted((p.asked, p.answer, tuple(p.trades)) for p in solved) == \
+        sorted((p.asked, p.answer, tuple(p.trades)) for p in problems[:12])

@@ -226,6 +226,8 @@ def eval_command(
                                       "./triattn-eval-DATE-TIME; the shipped results change only with --out "
                                       "results/fidelity]."),
     plot_only: bool = typer.Option(False, "--plot-only", help="Only redraw the plot from OUT/fidelity.json."),
+    task: str = typer.Option("auto", help="lagsum | ledger: the held-out problems [default: ledger for the "
+                             "`ledger` model, else the lagged sum]."),
 ):
     """Accuracy under a KV budget on held-out demo problems: TriAttention vs SnapKV, R-KV, H2O, StreamingLLM, full."""
     from . import checks
@@ -252,12 +254,13 @@ def eval_command(
         checks.integer("--jobs", jobs, 1, 256)
         checks.choice("--device", device, checks.DEVICES[:3])
         checks.choice("--dtype", dtype, checks.DTYPES[:4])
+        checks.choice("--task", task, ("auto", "lagsum", "ledger"))
         for b in sizes:
             BudgetPolicy(b, divide_length, window, sink, protect_prefill, pruning_mode)  # validates
         checks.model(model, "auto")
         cfg = EvalConfig(model=model, problems=limit or problems, window=window, divide_length=divide_length,
                          sinks=sink, pruning_mode=pruning_mode, protect_prefill=protect_prefill, device=device,
-                         dtype=dtype, batch=batch, max_offset=max_offset)
+                         dtype=dtype, batch=batch, max_offset=max_offset, task=task)
         command = " ".join(["triattn eval", *sys.argv[2:]]).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         def on_cell(cell, cells):  # results so far are on disk after every cell
             print(describe(cell), file=sys.stderr, flush=True)

@@ -110,12 +110,11 @@ def run_cell(cfg: EvalConfig, method: str, budget: int | None) -> Cell:
         settings = CompressionSettings(policy=policy, stats=stats, method=method, max_offset=cfg.max_offset)
     params = SamplingParams(max_tokens=max_answer_tokens(task), temperature=0.0)
     start = time.perf_counter()
-    results = []
-    for i in range(0, len(problems), cfg.batch):
-        chunk = problems[i:i + cfg.batch]
-        prompts = [engine.encode_prompt(p.prompt) for p in chunk]
-        results += generate_batch(engine, prompts, settings, params)
-    correct = sum(task.parse_answer(r.text) == p.answer for r, p in zip(results, problems))
+    results, solved = [], []  # in batch order: problems sorted by prompt length, padded (length_matched)
+    for batch in length_matched(problems, engine, task, cfg.batch):
+        results += generate_batch(engine, [ids for ids, _ in batch], settings, params)
+        solved += [p for _, p in batch]
+    correct = sum(task.parse_answer(r.text) == p.answer for r, p in zip(results, solved))
     n = len(results)
     return Cell(
         method=method, budget=budget, problems=n, correct=correct,
@@ -124,6 +123,31 @@ def run_cell(cfg: EvalConfig, method: str, budget: int | None) -> Cell:
         mean_logical_tokens=sum(r.metrics.logical_tokens for r in results) / n,
         seconds=time.perf_counter() - start,
     )
+
+
+def length_matched(problems, engine, task, batch: int) -> list[list[tuple[list[int], object]]]:
+    """Batches of (prompt ids, problem) whose prompts have one length each, as batched generation needs.
+    Equal-length prompts (the lagged sum) batch as they are; otherwise the problems are sorted by prompt length, cut
+    into `batch`-sized groups, and each shorter prompt gets filler prose up to its group's longest (task.pad_to);
+    one that cannot be hit exactly runs alone. Deterministic, so every method sees the same prompts."""
+    ids = [engine.encode_prompt(p.prompt) for p in problems]
+    if len({len(x) for x in ids}) <= 1:
+        pairs = list(zip(ids, problems))
+        return [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
+    order = sorted(range(len(problems)), key=lambda i: len(ids[i]))
+    batches = []
+    for g in range(0, len(order), batch):
+        group = order[g:g + batch]
+        target = max(len(ids[i]) for i in group)
+        same, alone = [], []
+        for i in group:
+            p = task.pad_to(problems[i], target, lambda text: len(engine.encode_prompt(text)))
+            if p is None:
+                alone.append([(ids[i], problems[i])])
+            else:
+                same.append((engine.encode_prompt(p.prompt), p))
+        batches += ([same] if same else []) + alone
+    return batches
 
 
 def _cell_job(args) -> dict:

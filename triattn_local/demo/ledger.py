@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 from importlib import resources
 
 MIN_PEOPLE, MAX_PEOPLE = 12, 40
@@ -124,6 +125,36 @@ def make_problem(rng: random.Random, trades: int | None = None, people: int | No
             since_recap, recap_every = 0, rng.randint(8, 24)
     asked = rng.choice(who)
     return Problem(item, facts, prose, trade_list, lines, asked, value[asked])
+
+
+def pad_to(problem: Problem, tokens: int, count: Callable[[str], int], tries: int = 20) -> Problem | None:
+    """The problem with filler words added to its last filler paragraph (or a new one), so that its prompt is
+    exactly `tokens` long (count(prompt) = its length in tokens); None when no filler hits the length exactly.
+    Batched generation needs prompts of one length; filler changes nothing a line of the thinking reads."""
+    if count(problem.prompt) >= tokens:
+        return problem if count(problem.prompt) == tokens else None
+    rng = random.Random(len(problem.prompt))
+    at = next((i for i in range(len(problem.prose) - 1, -1, -1) if " holds " not in problem.prose[i]), None)
+
+    def padded(words: list[str]) -> Problem:
+        prose = list(problem.prose)
+        if at is None:
+            prose.append(" ".join(words))
+        else:
+            prose[at] += " " + " ".join(words)
+        return replace(problem, prose=prose)
+
+    for _ in range(tries):
+        words = " ".join(rng.sample(filler(), 40)).split(" ")
+        lo, hi = 1, len(words)
+        while lo <= hi:  # token counts grow with the words added: search the count that hits `tokens`
+            mid = (lo + hi) // 2
+            c = padded(words[:mid])
+            n = count(c.prompt)
+            if n == tokens:
+                return c
+            lo, hi = (mid + 1, hi) if n < tokens else (lo, mid - 1)
+    return None
 
 
 def held_out_problems(count: int, seed: int = 20261207) -> list[Problem]:
