@@ -428,3 +428,20 @@ def test_cli_run_with_backend_mlx(tiny_model_factory, tmp_path):
     summary = r.stderr.strip().splitlines()[-1]
     assert "tok/s" in summary and "peak KV 48 tokens" in summary
     assert len({json.loads(x)["round"] for x in trace.read_text().splitlines()}) >= 2
+
+
+def test_sampling_stays_in_mlx_and_matches_the_host(engines, monkeypatch):
+    """Generation samples the MLX logits where MLX keeps them (no [vocab] copy per step): greedy gives the host
+    sampler's tokens, and a seeded sampled run repeats."""
+    import triattn_local.sampling as sampling
+
+    calls = []
+    original = sampling.sample_on_mlx
+    monkeypatch.setattr(sampling, "sample_on_mlx", lambda *a, **k: calls.append(1) or original(*a, **k))
+    mlx_engine, torch_engine = engines
+    policy = BudgetPolicy(**POLICY)
+    tokens, rounds, _, _ = generate(mlx_engine, PROMPT[:60], policy, 40)
+    assert len(calls) == len(tokens) and rounds
+    assert tokens == generate(torch_engine, PROMPT[:60], policy, 40)[0]
+    sampled = generate(mlx_engine, PROMPT[:60], policy, 30, temperature=1.0, seed=5)[0]
+    assert sampled == generate(mlx_engine, PROMPT[:60], policy, 30, temperature=1.0, seed=5)[0]

@@ -4,9 +4,14 @@ and draw from the same distribution as the full-sort sampler they replaced (a ch
 import numpy as np
 import pytest
 
-from triattn_local.sampling import Sampler, SamplingParams, nucleus, sample_on_device
+from triattn_local.sampling import Sampler, SamplingParams, nucleus, sample_on_device, sample_on_mlx
 
 torch = pytest.importorskip("torch")
+try:
+    import mlx.core as mx
+except ImportError:
+    mx = None
+needs_mlx = pytest.mark.skipif(mx is None, reason="mlx is not installed")
 
 
 def full_sort_nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
@@ -108,3 +113,45 @@ def test_seeded_sampling_repeats_on_both_paths():
     for convert in (lambda x: x, torch.tensor):
         a, b = Sampler(params), Sampler(params)
         assert [a(convert(logits)) for _ in range(30)] == [b(convert(logits)) for _ in range(30)]
+
+
+@needs_mlx
+@pytest.mark.parametrize("top_p", [0.5, 0.95])
+def test_mlx_form_keeps_what_a_full_sort_keeps(top_p):
+    for logits in distributions(1):
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        allowed = set(full_sort_nucleus(p, top_p).tolist())
+        batch = mx.array(np.broadcast_to(logits, (400, logits.size)).astype(np.float32))
+        drawn = sample_on_mlx(batch, SamplingParams(temperature=1.0, top_p=top_p), mx.random.key(0)).tolist()
+        assert set(drawn) <= allowed
+
+
+@needs_mlx
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_mlx_form_has_the_full_sort_samplers_distribution(top_p):
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=200) * 2.5
+    params = SamplingParams(temperature=0.7, top_p=top_p, seed=3)
+    want = full_sort_probabilities(logits, params.temperature, params.top_p)
+    draws = 20000
+    batch = mx.array(np.broadcast_to(logits, (draws, logits.size)).astype(np.float32))
+    tokens = sample_on_mlx(batch, params, mx.random.key(3)).tolist()
+    assert chi_square_ok(np.bincount(tokens, minlength=logits.size), want, draws)
+
+
+@needs_mlx
+def test_mlx_greedy_suppress_and_seeds():
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        logits = rng.normal(size=1000).astype(np.float32)
+        best = int(np.argmax(logits))
+        assert Sampler(SamplingParams(temperature=0))(mx.array(logits)) == best
+        assert Sampler(SamplingParams(temperature=0, suppress=(best,)))(mx.array(logits)) != best
+        banned = Sampler(SamplingParams(temperature=1.0, top_p=0.95, suppress=(best,), seed=1))
+        assert all(banned(mx.array(logits)) != best for _ in range(50))
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=11)
+    a, b = Sampler(params), Sampler(params)
+    logits = mx.array(rng.normal(size=500).astype(np.float32))
+    assert [a(logits) for _ in range(30)] == [b(logits) for _ in range(30)]
+    assert len({a(logits) for _ in range(30)}) > 1  # the key advances every draw

@@ -101,8 +101,8 @@ class ModelRunner(Protocol):
 
     def forward(self, token_ids: np.ndarray | list[list[int]], start_position: int) -> np.ndarray:
         """Append tokens [B, n] at positions start_position … start_position + n - 1 to every row's cache; return
-        float logits [B, vocab] of each row's last token: a numpy array, or a torch tensor left on the GPU (the
-        Sampler draws there, so only token ids cross to the host)."""
+        float logits [B, vocab] of each row's last token: a numpy array, or a torch tensor left on the GPU or an MLX
+        array (the Sampler draws there, so only token ids cross to the host)."""
 
     def head_scores(self, scorer: KeyScorer, round_start: int) -> np.ndarray:
         """Scores [B, layers, heads, T] of every cached key for every query head (the backend's fast path)."""
@@ -117,13 +117,13 @@ class ModelRunner(Protocol):
         """Empty the caches; the next forward sets the batch size."""
 
     # Optional: device_logits, a bool attribute; when a loop that samples with Sampler sets it (keep_logits_on_device),
-    # forward may return a torch tensor on the GPU instead of a numpy array.
+    # forward may return a torch tensor on the GPU or an MLX array instead of a numpy array.
     # Optional (prefix reuse in the server): save() → a copy of a batch of one's cache, or None where this runner
     # cannot copy it; load(saved) → make this runner's cache a copy of a saved one (the saved copy stays intact).
 
 
 def keep_logits_on_device(runner) -> None:
-    """Let a runner that can (torch on CUDA) leave its logits on the GPU, for a loop that samples them with Sampler
+    """Let a runner that can (torch on CUDA, MLX) leave its logits on the GPU, for a loop that samples them with Sampler
     there: only the token ids cross to the host, not [B, vocab] floats, and no host sampler runs."""
     inner = getattr(runner, "runner", runner)  # a SequenceRunner's ModelRunner
     if hasattr(inner, "device_logits"):

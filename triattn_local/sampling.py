@@ -31,13 +31,14 @@ class Sampler:
     """Greedy at temperature 0, else temperature + nucleus (top-p) sampling with a seeded generator.
 
     Logits on the host (numpy) are sampled here; logits that are a torch tensor on a GPU are sampled there
-    (sample_on_device), so only the token id crosses to the host. Both keep the smallest set of most likely tokens
+    (sample_on_device), and MLX arrays where MLX keeps them (sample_on_mlx), so only the token id crosses to the host. Both keep the smallest set of most likely tokens
     whose probability reaches top_p (ties at the edge to the lower token id) and sample from it in proportion."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self._torch_generator = None
+        self._mlx_key = None
 
     def __call__(self, logits) -> int:
         if not isinstance(logits, np.ndarray):
@@ -58,13 +59,22 @@ class Sampler:
         kept = p[keep]
         return int(keep[self.rng.choice(kept.size, p=kept / kept.sum())])
 
+    def _device_seed(self) -> int:
+        return self.params.seed if self.params.seed is not None else int(self.rng.integers(2**63 - 1))
+
     def _on_device(self, logits) -> int:
+        if type(logits).__module__.startswith("mlx"):
+            import mlx.core as mx
+
+            if self._mlx_key is None:
+                self._mlx_key = mx.random.key(self._device_seed() % 2**63)
+            self._mlx_key, key = mx.random.split(self._mlx_key)
+            return int(sample_on_mlx(logits, self.params, key).item())
         import torch
 
         if self._torch_generator is None:
             self._torch_generator = torch.Generator(device=logits.device)
-            seed = self.params.seed if self.params.seed is not None else int(self.rng.integers(2**63 - 1))
-            self._torch_generator.manual_seed(seed)
+            self._torch_generator.manual_seed(self._device_seed())
         return int(sample_on_device(logits, self.params, self._torch_generator))
 
 
@@ -119,3 +129,26 @@ def sample_on_device(logits, params: SamplingParams, generator):
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return order.gather(-1, choice).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_on_mlx(logits, params: SamplingParams, key):
+    """The same sampling on an MLX array logits [vocab] (or [B, vocab]) where MLX keeps it (the GPU on Apple
+    silicon): returns token ids as an MLX array; the caller's .item() or .tolist() is the one transfer."""
+    import mlx.core as mx
+
+    x = logits.astype(mx.float32)
+    if params.suppress:
+        banned = mx.zeros((x.shape[-1],), dtype=mx.bool_)
+        banned[mx.array(list(params.suppress))] = True
+        x = mx.where(banned, float("-inf"), x)
+    if params.temperature == 0:
+        return mx.argmax(x, axis=-1)
+    probs = mx.softmax(x / params.temperature, axis=-1)
+    if params.top_p >= 1:
+        return mx.random.categorical(mx.log(probs), key=key)
+    order = mx.argsort(-probs, axis=-1)  # a stable sort: ties to the lower id, as on the host
+    sorted_probs = mx.take_along_axis(probs, order, axis=-1)
+    before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs  # kept while the mass before it is below top_p
+    kept = mx.where(before < params.top_p, sorted_probs, 0.0)
+    choice = mx.random.categorical(mx.log(kept), key=key)
+    return mx.take_along_axis(order, mx.expand_dims(choice, -1), axis=-1).squeeze(-1)

@@ -58,6 +58,7 @@ class MLXRunner:
         self.engine = engine
         self.scorer = check_scorer(scorer)
         self.capacity = capacity
+        self.device_logits = False  # engine.keep_logits_on_device turns it on for loops that sample with Sampler
         self.reset()
 
     def reset(self) -> None:
@@ -72,6 +73,8 @@ class MLXRunner:
         with mx.stream(self.engine.device):
             logits = last_logits(self.engine.model, ids, self.caches).astype(mx.float32)
             self._eval(logits)
+            if self.device_logits:  # Sampler draws where MLX keeps them: only token ids go to the host
+                return logits
             return np.array(logits)  # [B, vocab]: one copy to the host per step
 
     def head_scores(self, scorer: KeyScorer, round_start: int) -> np.ndarray:
