@@ -226,8 +226,8 @@ def eval_command(
                                       "./triattn-eval-DATE-TIME; the shipped results change only with --out "
                                       "results/fidelity]."),
     plot_only: bool = typer.Option(False, "--plot-only", help="Only redraw the plot from OUT/fidelity.json."),
-    task: str = typer.Option("auto", help="lagsum | ledger: the held-out problems [default: ledger for the "
-                             "`ledger` model, else the lagged sum]."),
+    task: str = typer.Option("auto", help="lagsum | ledger: the held-out problems [default: the lagged sum; "
+                             "ledger for a model named `ledger`]."),
 ):
     """Accuracy under a KV budget on held-out demo problems: TriAttention vs SnapKV, R-KV, H2O, StreamingLLM, full."""
     from . import checks
