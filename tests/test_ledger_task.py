@@ -106,7 +106,6 @@ def test_padding_reaches_the_length_and_keeps_the_problem(problems):
     """Batched evaluation pads shorter prompts with filler prose; the facts, trades and answer stay as they were."""
     from tokenizers import Tokenizer
 
-    from triattn_local.registry import ledger_model_dir
 
     tok = Tokenizer.from_file(str(ledger_model_dir() / "tokenizer.json"))
     count = lambda text: len(tok.encode(text).ids)  # noqa: E731
@@ -125,7 +124,6 @@ def test_eval_batches_hold_one_prompt_length_and_every_problem(problems):
     from tokenizers import Tokenizer
 
     from triattn_local.eval import length_matched
-    from triattn_local.registry import ledger_model_dir
 
     tok = Tokenizer.from_file(str(ledger_model_dir() / "tokenizer.json"))
     engine = SimpleNamespace(encode_prompt=lambda text: tok.encode(text).ids)
