@@ -145,3 +145,41 @@ def test_gemv_equals_a_linear_layer(dtype, n, k):
     if dtype != torch.float32:  # dk.linear routes half-precision single rows through gemv, others to the module
         torch.testing.assert_close(dk.linear(x, layer), layer(x), **tol(dtype))
     torch.testing.assert_close(dk.linear(x.expand(3, -1), layer), layer(x.expand(3, -1)), rtol=0, atol=0)
+
+
+def test_fused_lanes_equal_the_unfused_lanes(tiny_model_factory):
+    """Continuous batching's step: lanes at their own positions and slots, in cache rows of their own (one row
+    skipped, one lane on a row after another's): the fused kernels give the unfused logits and caches."""
+    from transformers import AutoModelForCausalLM
+
+    from triattn_local.backends.torch.static_model import StaticKVModel
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_factory("qwen3")), dtype=torch.float32).to(DEVICE)
+    model = StaticKVModel.from_hf(hf)
+    model.allocate(4, 300)
+    gen = torch.Generator().manual_seed(5)
+    k0 = torch.randn(model.k_cache.shape, generator=gen).to(DEVICE)
+    v0 = torch.randn(model.v_cache.shape, generator=gen).to(DEVICE)
+    tokens = torch.tensor([[11], [12], [13]], device=DEVICE)
+    positions, slots = torch.tensor([30, 7, 1000], device=DEVICE), torch.tensor([10, 270, 0], device=DEVICE)
+    rows = torch.tensor([2, 0, 3], device=DEVICE)
+    results = []
+    with torch.inference_mode():
+        for fused in (False, True):
+            model.k_cache.copy_(k0)
+            model.v_cache.copy_(v0)
+            model.fused_decode = fused
+            results.append((model.decode(tokens, positions, slots, rows), model.k_cache.clone(),
+                            model.v_cache.clone()))
+        (want, k_want, v_want), (got, k_got, v_got) = results
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(k_got, k_want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v_got, v_want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(k_got[:, 1], k0[:, 1])  # the row no lane uses
+        # and each lane equals its row decoded alone
+        for lane in range(3):
+            model.k_cache.copy_(k0)
+            model.v_cache.copy_(v0)
+            one = model.decode(tokens[lane:lane + 1], positions[lane:lane + 1], slots[lane:lane + 1],
+                               rows[lane:lane + 1])
+            torch.testing.assert_close(one[0], got[lane], rtol=1e-4, atol=1e-4)

@@ -86,6 +86,8 @@ class DoneEvent:
 
 Event = TokenEvent | TextEvent | KVEvent | CompressionEvent | BoundaryEvent | DoneEvent
 
+PREFILL_CHUNK = object()  # Session.prefill's marker between prompt chunks (not an event for consumers)
+
 
 # ---- what a backend provides ----------------------------------------------------------------------------------
 
@@ -179,6 +181,14 @@ class CompressionSettings:
         return self.policy is not None
 
 
+def resolve_pruning_mode(engine: "Engine", compression: CompressionSettings) -> CompressionSettings:
+    """--pruning-mode auto made concrete: the engine's default mode."""
+    if compression.enabled and compression.policy.pruning_mode == AUTO:
+        policy = dataclasses.replace(compression.policy, pruning_mode=engine.default_pruning_mode())
+        return dataclasses.replace(compression, policy=policy)
+    return compression
+
+
 class Engine(ABC):
     """A loaded model in one backend."""
 
@@ -206,8 +216,14 @@ class Engine(ABC):
         capacity: the most slots the cache will ever hold (B + N with compression), for backends that preallocate."""
         return SequenceRunner(self.new_runner(scorer, capacity))
 
-    def session(self, compression: CompressionSettings | None = None) -> "Session":
-        return Session(self, compression or CompressionSettings(policy=None))
+    def session(self, compression: CompressionSettings | None = None, runner=None) -> "Session":
+        """runner: a ModelRunner for this session's one sequence (a row of a RowBatch); else a new one."""
+        return Session(self, compression or CompressionSettings(policy=None), runner)
+
+    def new_row_batch(self, compression: CompressionSettings, rows: int):
+        """Continuous batching (the server): a cache of `rows` sequences that decode together, each at its own
+        length, with a runner per row for its prefill and rounds; None where this backend cannot (the default)."""
+        return None
 
     def eos_token_ids(self) -> set[int]:
         ids = getattr(self.tokenizer, "eos_token_id", None)
@@ -260,17 +276,16 @@ class StreamingDetokenizer:
 class Session:
     """One conversation's cache in one engine. generate() continues from whatever the cache already holds."""
 
-    def __init__(self, engine: Engine, compression: CompressionSettings):
-        if compression.enabled and compression.policy.pruning_mode == AUTO:
-            policy = dataclasses.replace(compression.policy, pruning_mode=engine.default_pruning_mode())
-            compression = dataclasses.replace(compression, policy=policy)
+    def __init__(self, engine: Engine, compression: CompressionSettings, runner: ModelRunner | None = None):
+        compression = resolve_pruning_mode(engine, compression)
         self.engine = engine
         self.compression = compression
         self._cancel = threading.Event()
         self.state: CompressionState | None = None
         self.scorer: KeyScorer | None = make_scorer(compression, engine.shape) if compression.enabled else None
         capacity = compression.policy.capacity if compression.enabled else None
-        self.runner = engine.new_sequence_runner(self.scorer, capacity=capacity)
+        self.runner = SequenceRunner(runner) if runner is not None else \
+            engine.new_sequence_runner(self.scorer, capacity=capacity)
         self.reset()
 
     def reset(self) -> None:
@@ -328,17 +343,34 @@ class Session:
                 n = min(n, pending[0] - self.logical)
             chunk = token_ids[i:i + n]
             logits = self.runner.forward(chunk, self.logical)
-            self.logical += len(chunk)
-            self.peak = max(self.peak, self.logical)
             i += len(chunk)
-            if self.state is not None:
-                self.state.appended(len(chunk))
-                if self.state.needs_compression():
-                    yield self._compress()
+            yield from self.appended(len(chunk))
             if pending and self.logical == pending[0]:
                 pending.pop(0)
                 yield BoundaryEvent(self.logical)
+            if i < len(token_ids):
+                yield PREFILL_CHUNK
         yield logits
+
+    def appended(self, n: int) -> Iterator[CompressionEvent]:
+        """Bookkeeping after the runner appended n tokens to this session's cache (here, or in a batched decode
+        step of the server): positions, the peak, and a compression round when the policy asks for one."""
+        self.logical += n
+        self.peak = max(self.peak, self.logical)
+        if self.state is not None:
+            self.state.appended(n)
+            if self.state.needs_compression():
+                yield self._compress()
+
+    def prefill(self, prompt_ids: list[int], set_prompt: bool = True,
+                cuts: tuple[int, ...] = ()) -> Iterator[Event | object]:
+        """Run the prompt (after what the cache holds) a chunk at a time: yields events, PREFILL_CHUNK between
+        chunks (where a server may run other work), then the last token's logits."""
+        self._cancel.clear()
+        if self.state is not None and set_prompt and self.logical == 0:
+            self.state.prompt_len = len(prompt_ids)
+        keep_logits_on_device(self.runner)
+        yield from self._feed(list(prompt_ids), cuts)
 
     def _compress(self) -> CompressionEvent:
         scores = self.runner.head_scores(self.scorer, self.state.round_start)
@@ -352,59 +384,84 @@ class Session:
         cuts: logical positions inside the prompt where prefill stops for a BoundaryEvent (a snapshot point).
         Prefill cut at the same positions computes the same cache whether or not it was interrupted there, so a
         session restored from a snapshot at a cut continues exactly as the uninterrupted one does."""
-        self._cancel.clear()
-        if self.state is not None and set_prompt and self.logical == 0:
-            self.state.prompt_len = len(prompt_ids)
-        sampler = Sampler(params)
-        keep_logits_on_device(self.runner)
-        eos = self.engine.eos_token_ids()
-        detok = StreamingDetokenizer(self.engine.tokenizer)
-        text, emitted = "", 0  # text[:emitted] has been yielded
         t0 = time.perf_counter()
         logits = None
-        for item in self._feed(list(prompt_ids), cuts):
+        for item in self.prefill(prompt_ids, set_prompt, cuts):
+            if item is PREFILL_CHUNK:
+                continue
             if not isinstance(item, Event):  # the last logits (numpy, or a torch tensor on the GPU), or None
                 logits = item
             else:
                 yield item
         t_prefill = time.perf_counter() - t0
         yield KVEvent(self.metrics())
-        generated, finish = 0, "length"
+        stream = TokenStream(self.engine, params)
         t1 = time.perf_counter()
-        while generated < params.max_tokens:
+        while not stream.finish:
             if self._cancel.is_set():
-                finish = "cancelled"
+                stream.finish = "cancelled"
                 break
-            token = sampler(logits)
-            generated += 1
-            yield TokenEvent(token)
-            if token in eos:
-                finish = "stop"
+            yield from stream.take(logits)
+            if stream.finish:
                 break
-            delta = detok.add(token)
-            if delta:
-                text += delta
-                hit = _find_stop(text, params.stop, len(delta))
-                if hit is not None:
-                    if hit > emitted:
-                        yield TextEvent(text[emitted:hit])
-                    emitted = len(text)  # the stop string itself is never shown
-                    finish = "stop"
-                    break
-                ready = len(text) - partial_suffix_length(text, params.stop)  # hold back a stop string's beginning
-                if ready > emitted:
-                    yield TextEvent(text[emitted:ready])
-                    emitted = ready
-            if generated == params.max_tokens:
-                break
-            for item in self._feed([token]):
+            for item in self._feed([stream.tokens[-1]]):
                 if not isinstance(item, Event):
                     logits = item
                 else:
                     yield item
-        if len(text) > emitted:  # EOS, length or cancel: what was held back was not a stop string after all
-            yield TextEvent(text[emitted:])
-        yield DoneEvent(finish, len(prompt_ids), generated, t_prefill, time.perf_counter() - t1, self.metrics())
+        yield from stream.flush()
+        yield DoneEvent(stream.finish, len(prompt_ids), len(stream.tokens), t_prefill, time.perf_counter() - t1,
+                        self.metrics())
+
+
+class TokenStream:
+    """One completion's sampled tokens → events: the sampler, EOS, stop strings (never shown, and a stop string's
+    beginning held back until it cannot be one), max_tokens. The same for Session.generate and for a server that
+    decodes many sequences in one batched step. finish: None while going, then "stop" | "length" (| "cancelled",
+    set by the caller)."""
+
+    def __init__(self, engine: Engine, params: SamplingParams):
+        self.params = params
+        self.sampler = Sampler(params)
+        self.eos = engine.eos_token_ids()
+        self.detok = StreamingDetokenizer(engine.tokenizer)
+        self.text, self.emitted = "", 0  # text[:emitted] has been yielded
+        self.tokens: list[int] = []
+        self.finish: str | None = None if params.max_tokens > 0 else "length"
+
+    def take(self, logits) -> list[Event]:
+        """Sample the next token from logits [vocab]; the events it makes (a TokenEvent, maybe text)."""
+        token = self.sampler(logits)
+        self.tokens.append(token)
+        events: list[Event] = [TokenEvent(token)]
+        if token in self.eos:
+            self.finish = "stop"
+            return events
+        delta = self.detok.add(token)
+        if delta:
+            self.text += delta
+            stops = self.params.stop
+            hit = _find_stop(self.text, stops, len(delta))
+            if hit is not None:
+                if hit > self.emitted:
+                    events.append(TextEvent(self.text[self.emitted:hit]))
+                self.emitted = len(self.text)  # the stop string itself is never shown
+                self.finish = "stop"
+                return events
+            ready = len(self.text) - partial_suffix_length(self.text, stops)  # hold back a stop string's beginning
+            if ready > self.emitted:
+                events.append(TextEvent(self.text[self.emitted:ready]))
+                self.emitted = ready
+        if len(self.tokens) >= self.params.max_tokens:
+            self.finish = "length"
+        return events
+
+    def flush(self) -> list[Event]:
+        """At the end (EOS, length or cancel): text held back was not a stop string after all."""
+        if len(self.text) > self.emitted:
+            text, self.emitted = self.text[self.emitted:], len(self.text)
+            return [TextEvent(text)]
+        return []
 
 
 @dataclass

@@ -60,18 +60,21 @@ if triton is not None:
 
     @triton.jit
     def _qk_norm_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-                                   slot_ptr, eps, stride_qkv, stride_qo_b, stride_qo_h,
-                                   stride_cb, stride_ch, stride_ct,
+                                   slot_ptr, rows_ptr, eps, stride_qkv, stride_qo_b, stride_qo_h, stride_cos,
+                                   stride_slot, stride_cb, stride_ch, stride_ct,
                                    heads: tl.constexpr, kv_heads: tl.constexpr, head_dim: tl.constexpr,
                                    HAS_NORM: tl.constexpr):
-        row = tl.program_id(0)
+        lane = tl.program_id(0)
         h = tl.program_id(1)  # 0..heads-1: q; then kv_heads of k; then kv_heads of v
         HALF: tl.constexpr = head_dim // 2
         d = tl.arange(0, HALF)
-        src = qkv_ptr + row * stride_qkv + h * head_dim
+        src = qkv_ptr + lane * stride_qkv + h * head_dim
         x1 = tl.load(src + d)
         x2 = tl.load(src + HALF + d)
-        slot = tl.load(slot_ptr)
+        slot = tl.load(slot_ptr + lane * stride_slot)
+        row = tl.load(rows_ptr + lane)  # the lane's cache row
+        cos_ptr += lane * stride_cos
+        sin_ptr += lane * stride_cos
         if h >= heads + kv_heads:  # v: copied into the cache as it is
             dst = v_cache_ptr + row.to(tl.int64) * stride_cb + (h - heads - kv_heads) * stride_ch + slot * stride_ct
             tl.store(dst + d, x1.to(v_cache_ptr.dtype.element_ty))
@@ -93,7 +96,7 @@ if triton is not None:
             r1 = a * c1 - b * s1  # x·cos + rotate_half(x)·sin, rotate_half(x) = (−x2, x1)
             r2 = b * c2 + a * s2
             if h < heads:
-                dst = q_out_ptr + row * stride_qo_b + h * stride_qo_h
+                dst = q_out_ptr + lane * stride_qo_b + h * stride_qo_h
                 tl.store(dst + d, r1.to(q_out_ptr.dtype.element_ty))
                 tl.store(dst + HALF + d, r2.to(q_out_ptr.dtype.element_ty))
             else:
@@ -102,23 +105,24 @@ if triton is not None:
                 tl.store(dst + HALF + d, r2.to(k_cache_ptr.dtype.element_ty))
 
     @triton.jit
-    def _attention_split_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, part_out_ptr, part_m_ptr, part_l_ptr, scale,
-                                stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
+    def _attention_split_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, rows_ptr, part_out_ptr, part_m_ptr, part_l_ptr, scale,
+                                stride_slot, stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
                                 kv_heads: tl.constexpr, group: tl.constexpr, G_PAD: tl.constexpr,
                                 head_dim: tl.constexpr, SPLIT: tl.constexpr, splits: tl.constexpr,
                                 BLOCK: tl.constexpr, IEEE: tl.constexpr):
         pid = tl.program_id(0)
         split = tl.program_id(1)
-        row = pid // kv_heads
+        lane = pid // kv_heads
         kv_head = pid % kv_heads
-        length = tl.load(slot_ptr) + 1  # the current token's slot is the last one filled
+        row = tl.load(rows_ptr + lane)  # the lane's cache row
+        length = tl.load(slot_ptr + lane * stride_slot) + 1  # the current token's slot is the last one filled
         start = split * SPLIT
         end = tl.minimum(start + SPLIT, length)
         g = tl.arange(0, G_PAD)
         g_ok = g < group
         d = tl.arange(0, head_dim)
         heads = kv_head * group + g
-        q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+        q = tl.load(q_ptr + lane * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
         base = row.to(tl.int64) * stride_kb + kv_head * stride_kh  # big batches of long caches pass 2^31
         m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
         l_i = tl.zeros((G_PAD,), tl.float32)
@@ -142,7 +146,7 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        part = (row * kv_heads * group + heads) * splits + split  # [B, heads, splits]
+        part = (lane * kv_heads * group + heads) * splits + split  # [B, heads, splits]
         tl.store(part_m_ptr + part, m_i, mask=g_ok)
         tl.store(part_l_ptr + part, l_i, mask=g_ok)
         tl.store(part_out_ptr + part[:, None] * head_dim + d[None, :], acc, mask=g_ok[:, None])
@@ -238,18 +242,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out
 
 
+def _lanes(batch: int, slot: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Each lane's cache row (lane b is row b unless given) and the slot tensor's stride (0: one slot for all)."""
+    if rows is None:
+        rows = torch.arange(batch, device=slot.device)
+    return rows, 0 if slot.numel() == 1 else slot.stride(0)  # an expanded slot has stride 0 too
+
+
 def qk_norm_rope_cache(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
                        cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot: torch.Tensor, heads: int) -> torch.Tensor:
+                       slot: torch.Tensor, heads: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [B, (heads + 2·Hkv)·D] → rotated queries [B, heads, D]; k (normed, rotated) and v go to cache slot
-    `slot` (a 1-element tensor) of k/v_cache [B, Hkv, C, D]. cos/sin [D] are the rotary factors of the position."""
+    `slot` of k/v_cache [R, Hkv, C, D]. cos/sin: the rotary factors, [D] (one position for all lanes) or [B, D];
+    slot: one slot for all lanes (1 element) or one per lane [B]; rows [B]: each lane's cache row (default b)."""
     batch = qkv.shape[0]
     kv_heads, dim = k_cache.shape[1], k_cache.shape[3]
     q = torch.empty(batch, heads, dim, device=qkv.device, dtype=qkv.dtype)
     has_norm = q_norm is not None
+    rows, stride_slot = _lanes(batch, slot, rows)
+    cos, sin = cos.contiguous(), sin.contiguous()
     _qk_norm_rope_cache_kernel[(batch, heads + 2 * kv_heads)](
-        qkv, q_norm if has_norm else cos, k_norm if has_norm else cos, cos, sin, q, k_cache, v_cache, slot, eps,
-        qkv.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        qkv, q_norm if has_norm else cos, k_norm if has_norm else cos, cos, sin, q, k_cache, v_cache, slot, rows,
+        eps, qkv.stride(0), q.stride(0), q.stride(1), 0 if cos.dim() == 1 else cos.stride(0), stride_slot,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         heads=heads, kv_heads=kv_heads, head_dim=dim, HAS_NORM=has_norm, num_warps=1,
     )
     return q
@@ -264,8 +279,9 @@ def attention_splits(batch: int, kv_heads: int, capacity: int, device: torch.dev
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """One query per row q [B, H, D] over slots 0..slot of k/v_cache [B, Hkv, C, D] → [B, H, D]."""
+                     scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per lane q [B, H, D] over slots 0..slot of its cache row of k/v_cache [R, Hkv, C, D] → [B, H, D].
+    slot: one for all lanes (1 element) or one per lane [B]; rows [B]: each lane's cache row (default b)."""
     batch, heads, dim = q.shape
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
@@ -273,9 +289,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_out = torch.empty(batch, heads, splits, dim, device=q.device, dtype=torch.float32)
     part_m = torch.empty(batch, heads, splits, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
+    rows, stride_slot = _lanes(batch, slot, rows)
     _attention_split_kernel[(batch * kv_heads, splits)](
-        q, k_cache, v_cache, slot, part_out, part_m, part_l, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, slot, rows, part_out, part_m, part_l, scale,
+        stride_slot, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         kv_heads=kv_heads, group=group, G_PAD=max(16, triton.next_power_of_2(group)), head_dim=dim,
         SPLIT=per_split, splits=splits, BLOCK=BLOCK_T, IEEE=q.dtype == torch.float32, num_warps=4,
     )

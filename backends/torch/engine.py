@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...engine import Engine, SequenceRunner
+from ...engine import CompressionSettings, Engine, SequenceRunner, resolve_pruning_mode
 from ...errors import UserError
-from ...methods import BaselineScorer, KeyScorer
+from ...methods import BaselineScorer, KeyScorer, make_scorer
 from ...rope import ModelShape
 from ...scorer import TriAttentionScorer
 from .cache import TriAttentionCache
@@ -196,6 +196,26 @@ class TorchEngine(Engine):
 
             return StaticRunner(self.static_model(), capacity if triattention else None)
         return TorchRunner(self, scorer)
+
+    def new_row_batch(self, compression: CompressionSettings, rows: int, kv_memory: int | None = None):
+        """Continuous batching where the bounded static cache serves TriAttention (CUDA, or static_cache on):
+        as many rows of B + N slots as kv_memory bytes hold (default: 85 % of the free GPU memory; on a CPU,
+        `rows`), at most `rows`. None otherwise (full attention, the baselines, the transformers path)."""
+        from .row_batch import RowBatch, row_bytes, rows_that_fit
+
+        compression = resolve_pruning_mode(self, compression)
+        if not compression.enabled or not self.static_cache:
+            return None
+        scorer = make_scorer(compression, self.shape)
+        if not isinstance(scorer, TriAttentionScorer) or scorer.offset_aggregation != "mean":
+            return None
+        capacity = compression.policy.capacity
+        model = self.static_model()
+        per_row = row_bytes(model, capacity)
+        if kv_memory is None and self.device == "cuda":
+            kv_memory = int(torch.cuda.mem_get_info()[0] * 0.85)
+        fit = rows if kv_memory is None else rows_that_fit(per_row, kv_memory - per_row, rows)  # + the scratch row
+        return RowBatch(model, fit, capacity)
 
     def new_sequence_runner(self, scorer: KeyScorer | None = None, capacity: int | None = None) -> SequenceRunner:
         runner = self.new_runner(scorer, capacity)

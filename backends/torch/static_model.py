@@ -65,8 +65,10 @@ class Attention(nn.Module):
     def split_sizes(self) -> list[int]:
         return [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask):
-        """x [B, n, hidden]; k/v_cache [B, Hkv, C, D] (written at `slots` [n]); mask [n, C] bool (True = attend)."""
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, rows=None):
+        """x [B, n, hidden]; k/v_cache [B, Hkv, C, D] written at `slots` [n]; mask [n, C] bool (True = attend).
+        With rows [B] (one token per lane, continuous batching): lane b is cache row rows[b], written at slots[b];
+        k/v_cache then have any number of rows and mask is [B, 1, 1, C]."""
         b, n, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split_sizes(), dim=-1)
         q = self.q_norm(q.view(b, n, self.heads, self.head_dim))
@@ -75,8 +77,13 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, n, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
-        v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+        if rows is None:
+            k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+        else:
+            k_cache[rows, :, slots] = k[:, :, 0].to(k_cache.dtype)
+            v_cache[rows, :, slots] = v[:, :, 0].to(v_cache.dtype)
+            k_cache, v_cache = k_cache[rows], v_cache[rows]
         out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
@@ -243,7 +250,9 @@ class StaticKVModel(nn.Module):
         """tokens [B, n] at RoPE positions [n], written to cache slots [n] (ascending, contiguous); returns the
         logits [B, vocab] of the last token. Queries see every slot up to their own."""
         if tokens.shape[1] == 1 and self.fused_decode:
-            return self.decode_step(tokens, positions, slots)
+            batch = tokens.shape[0]
+            lanes = torch.arange(batch, device=tokens.device)
+            return self.decode_step(tokens, positions.expand(batch), slots.expand(batch), lanes)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(x, positions[None])  # [1, n, D]
         cos, sin = cos[:, None], sin[:, None]
@@ -254,16 +263,34 @@ class StaticKVModel(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.model.norm(x[:, -1]))
 
-    def decode_step(self, tokens: torch.Tensor, position: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """forward for one token per row with the fused Triton kernels: per layer a norm, the qkv product, one
-        kernel for q/k norm + rotary + cache write, attention over the filled slots, o_proj, a residual norm,
-        gate/up, the activation and down. The residual stream is updated in place by the norms."""
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               rows: torch.Tensor) -> torch.Tensor:
+        """One token per lane, each lane at its own position and slot in its own cache row (continuous batching:
+        sequences of different lengths decode together): tokens [B, 1]; positions, slots, rows [B]. Lane b
+        attends to slots 0..slots[b] of cache row rows[b]. Returns the logits [B, vocab]."""
+        if self.fused_decode:
+            return self.decode_step(tokens, positions, slots, rows)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rotary(x, positions[:, None])  # [B, 1, D]
+        cos, sin = cos[:, None], sin[:, None]
+        mask = (torch.arange(self.capacity, device=tokens.device)[None, :] <= slots[:, None])[:, None, None]
+        for i, layer in enumerate(self.model.layers):
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, self.k_cache[i], self.v_cache[i], slots,
+                                    mask, rows)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.model.norm(x[:, -1]))
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                    rows: torch.Tensor) -> torch.Tensor:
+        """decode with the fused Triton kernels: per layer a norm, the qkv product, one kernel for q/k norm +
+        rotary + cache write, attention over the filled slots, o_proj, a residual norm, gate/up, the activation
+        and down. The residual stream is updated in place by the norms."""
         from . import decode_kernels as dk
 
         batch = tokens.shape[0]
         residual = self.model.embed_tokens(tokens[:, 0])  # [B, hidden]
-        cos, sin = self.rotary(residual[:, None], position[None])
-        cos, sin = cos.reshape(-1), sin.reshape(-1)  # [D]: every row is at the same position
+        cos, sin = self.rotary(residual[:, None], positions[:, None])
+        cos, sin = cos.reshape(batch, -1), sin.reshape(batch, -1)  # [B, D]: each lane at its own position
         delta = None
         for i, layer in enumerate(self.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -273,8 +300,8 @@ class StaticKVModel(nn.Module):
             norm = isinstance(attn.q_norm, RMSNorm)
             q = dk.qk_norm_rope_cache(dk.linear(h, attn.qkv_proj), attn.q_norm.weight if norm else None,
                                       attn.k_norm.weight if norm else None, attn.q_norm.eps if norm else 0.0,
-                                      cos, sin, self.k_cache[i], self.v_cache[i], slot, attn.heads)
-            out = dk.decode_attention(q, self.k_cache[i], self.v_cache[i], slot, attn.scale)
+                                      cos, sin, self.k_cache[i], self.v_cache[i], slots, attn.heads, rows)
+            out = dk.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, attn.scale, rows)
             delta = dk.linear(out.reshape(batch, -1), attn.o_proj)
             ln = layer.post_attention_layernorm
             h = dk.rms_norm(delta, ln.weight, ln.eps, residual=residual)
@@ -284,16 +311,18 @@ class StaticKVModel(nn.Module):
 
 
 class GraphedDecodeStep:
-    """One decode step (a token per row) captured in a CUDA graph; on a CPU it simply calls the model.
+    """One decode step (a token per lane) captured in a CUDA graph; on a CPU it simply calls the model.
 
-    Inputs are copied into static tensors before each replay: the token ids, the RoPE position and the slot."""
+    Inputs are copied into static tensors before each replay: the token ids and each lane's RoPE position, slot
+    and cache row (by default lane b is row b)."""
 
     def __init__(self, model: StaticKVModel, batch: int, use_graph: bool):
         device = model.lm_head.weight.device
         self.model = model
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slots = torch.zeros(batch, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch, device=device)
         self.graph = None
         self.logits = None
         if use_graph:
@@ -305,20 +334,28 @@ class GraphedDecodeStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph (kernel selection, autotune)
             for _ in range(2):
-                self.model(self.tokens, self.position, self.slot)
+                self.model.decode(self.tokens, self.positions, self.slots, self.rows)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.model(self.tokens, self.position, self.slot)
+            self.logits = self.model.decode(self.tokens, self.positions, self.slots, self.rows)
+
+    @staticmethod
+    def _set(static: torch.Tensor, value) -> None:
+        if isinstance(value, int):
+            static.fill_(value)
+        else:
+            static.copy_(torch.as_tensor(value, dtype=static.dtype), non_blocking=True)
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, position: int, slot: int) -> torch.Tensor:
-        """Logits [B, vocab] of tokens [B, 1] at `position`, written to cache slot `slot`."""
-        if self.graph is None:
-            pos = torch.tensor([position], device=tokens.device)
-            return self.model(tokens, pos, torch.tensor([slot], device=tokens.device))
+    def __call__(self, tokens: torch.Tensor, positions, slots, rows=None) -> torch.Tensor:
+        """Logits [B, vocab] of tokens [B, 1]; positions, slots (and rows): an int for every lane, or one per lane."""
         self.tokens.copy_(tokens)
-        self.position.fill_(position)
-        self.slot.fill_(slot)
+        self._set(self.positions, positions)
+        self._set(self.slots, slots)
+        if rows is not None:
+            self._set(self.rows, rows)
+        if self.graph is None:
+            return self.model.decode(self.tokens, self.positions, self.slots, self.rows)
         self.graph.replay()
         return self.logits

@@ -1,0 +1,143 @@
+"""Continuous batching (continuous.py over the torch RowBatch), on the static runner's CPU path: sequences that
+join at different times, with prompts of different lengths and their own compression rounds, give the tokens and
+the kept positions each gives alone; rows are reused; spare lanes touch nobody's cache. On the device the same
+tests run with CUDA graphs and the Triton kernels (TRIATTN_TEST_DEVICE=cuda)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from test_torch_backend import synthetic_stats
+from triattn_local.backends.torch.engine import TorchEngine
+from triattn_local.continuous import ContinuousBatch
+from triattn_local.engine import CompressionEvent, CompressionSettings, DoneEvent, TextEvent, TokenEvent
+from triattn_local.policy import BudgetPolicy
+from triattn_local.sampling import SamplingParams
+
+DEVICE = os.environ.get("TRIATTN_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_factory):
+    return TorchEngine(str(tiny_model_factory("qwen3")), device=DEVICE, dtype="float32", static_cache=True)
+
+
+def settings(engine, mode="per_head"):
+    return CompressionSettings(BudgetPolicy(40, 16, 8, 0, pruning_mode=mode), synthetic_stats(engine.shape))
+
+
+def prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[int(x) for x in rng.integers(5, 300, size=int(length))] for length in rng.integers(3, 150, size=n)]
+
+
+def alone(engine, prompt, params, mode="per_head"):
+    tokens, kept, text = [], [], ""
+    for ev in engine.session(settings(engine, mode)).generate(prompt, params):
+        if isinstance(ev, TokenEvent):
+            tokens.append(ev.token_id)
+        elif isinstance(ev, CompressionEvent):
+            kept.append(ev.record.kept)
+        elif isinstance(ev, TextEvent):
+            text += ev.text
+        elif isinstance(ev, DoneEvent):
+            done = ev
+    return tokens, kept, text, done
+
+
+def run_batched(batch, jobs, arrive):
+    """jobs: (prompt, params); arrive[i]: the decode step before which job i starts (when a row is free).
+    Steps as a server does: one prefill chunk of one starting sequence, then one decode step for all."""
+    results = {i: ([], [], "", None) for i in range(len(jobs))}
+    live, waiting, step = {}, list(range(len(jobs))), 0
+    while waiting or live:
+        for i in [i for i in waiting if arrive[i] <= step]:
+            seq = batch.start(*jobs[i])
+            if seq is None:
+                break
+            waiting.remove(i)
+            live[seq] = i
+        prefilling = [s for s in live if s.prefill is not None]
+        events = {}
+        if prefilling:
+            events[prefilling[0]] = batch.prefill_step(prefilling[0])
+        for seq, evs in batch.decode_step(list(live)).items():
+            events.setdefault(seq, []).extend(evs)
+        for seq, evs in events.items():
+            if seq.done:
+                evs += batch.finish(seq)
+            tokens, kept, text, done = results[live[seq]]
+            for ev in evs:
+                if isinstance(ev, TokenEvent):
+                    tokens.append(ev.token_id)
+                elif isinstance(ev, CompressionEvent):
+                    kept.append(ev.record.kept)
+                elif isinstance(ev, TextEvent):
+                    text += ev.text
+                elif isinstance(ev, DoneEvent):
+                    done = ev
+            results[live[seq]] = (tokens, kept, text, done)
+            if seq.done:
+                del live[seq]
+        step += 1
+    return [results[i] for i in range(len(jobs))]
+
+
+@pytest.mark.parametrize("mode", ["per_head", "per_layer_head", "global"])
+def test_each_sequence_decodes_as_it_would_alone(engine, mode):
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (60, 25, 70, 5, 45)]
+    jobs = list(zip(prompts(5), params))
+    batch = ContinuousBatch(engine, settings(engine, mode), rows=3)
+    got = run_batched(batch, jobs, arrive=[0, 0, 7, 9, 30])
+    for (prompt, p), (tokens, kept, text, done) in zip(jobs, got):
+        want_tokens, want_kept, want_text, want_done = alone(engine, prompt, p, mode)
+        assert tokens == want_tokens
+        assert kept == want_kept
+        assert text == want_text
+        assert (done.finish_reason, done.generated_tokens) == (want_done.finish_reason, want_done.generated_tokens)
+        assert done.metrics.rounds == want_done.metrics.rounds
+    assert sum(len(kept) for _, kept, _, _ in got) >= 10  # rounds in prefill and in batched decode
+    assert batch.rows.in_use() == 0  # every row freed
+
+
+def test_rows_bound_the_batch_and_are_reused(engine):
+    batch = ContinuousBatch(engine, settings(engine), rows=2)
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+    a, b = batch.start([5, 6, 7], params), batch.start([8, 9], params)
+    assert a is not None and b is not None and batch.start([10], params) is None
+    assert {a.runner.row, b.runner.row} == {0, 1}
+    batch.finish(a, "cancelled")
+    c = batch.start([10, 11], params)
+    assert c is not None and c.runner.row == a.runner.row
+
+
+def test_spare_lanes_write_only_the_scratch_row(engine):
+    """Three sequences decoding in a step of four lanes (a padded CUDA graph): the spare lane writes the scratch
+    row, and a sequence that is not decoding (its prefill done, say) keeps its cache as it was."""
+    batch = ContinuousBatch(engine, settings(engine), rows=4)
+    rows = batch.rows
+    rows.use_graph = True  # lanes padded to powers of two as on a GPU (the capture itself is skipped on a CPU)
+    seqs = [batch.start(p, SamplingParams(max_tokens=50, temperature=0.0)) for p in prompts(4, seed=1)]
+    for seq in seqs:
+        while seq.prefill is not None:
+            batch.prefill_step(seq)
+    idle = seqs[3]
+    idle.decoding = False
+    before = rows.model.k_cache[:, idle.runner.row].clone()
+    assert rows.lanes_for(3) == 4
+    assert len(batch.decode_step(seqs)) == 3
+    assert torch.equal(rows.model.k_cache[:, idle.runner.row], before)
+    assert [s.session.logical for s in seqs] == [len(p) + (s is not idle) for s, p in zip(seqs, prompts(4, seed=1))]
+
+
+def test_one_token_prompt_and_one_token_answer_end_at_prefill(engine):
+    batch = ContinuousBatch(engine, settings(engine), rows=2)
+    seq = batch.start([7], SamplingParams(max_tokens=1, temperature=0.0))
+    events = batch.prefill_step(seq)
+    assert seq.done and not seq.decoding and [e for e in events if isinstance(e, TokenEvent)]
+    assert batch.decode_step([seq]) == {}
+    done = batch.finish(seq)[-1]
+    assert done.finish_reason == "length" and done.generated_tokens == 1
+    assert batch.rows.in_use() == 0

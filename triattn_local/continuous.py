@@ -1,0 +1,126 @@
+"""Continuous batching: sequences that arrived at different times decode together, one batched step for all.
+
+A sequence joins after its prefill (run a chunk at a time, so a long prompt never stalls the others for long) and
+leaves when it ends; between steps the set changes freely. Each sequence keeps its own length, RoPE positions and
+compression rounds: its Session does the bookkeeping and its rounds exactly as for a lone sequence, over a row of the
+backend's RowBatch (Engine.new_row_batch); only the forward of the decode step is shared. So a sequence gives the
+same tokens as Session.generate would alone (greedy), whoever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from .engine import (PREFILL_CHUNK, CompressionSettings, DoneEvent, Engine, Event, KVEvent, Session, TokenStream,
+                     keep_logits_on_device)
+from .sampling import SamplingParams
+
+
+class BatchedSequence:
+    """One sequence of a ContinuousBatch: its session over a batch row, its token stream, its timings."""
+
+    def __init__(self, session: Session, runner, stream: TokenStream, prompt_len: int):
+        self.session = session
+        self.runner = runner  # the RowRunner the session runs on
+        self.stream = stream
+        self.prompt_len = prompt_len
+        self.prefill: Iterator | None = None  # Session.prefill while the prompt runs
+        self.decoding = False
+        self.t_start = time.perf_counter()
+        self.t_prefill = 0.0
+        self.t_decode = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.stream.finish is not None
+
+
+class ContinuousBatch:
+    """The sequences of one engine and one compression setting that share a RowBatch."""
+
+    def __init__(self, engine: Engine, settings: CompressionSettings, rows: int, kv_memory: int | None = None):
+        self.engine = engine
+        self.settings = settings
+        self.rows = engine.new_row_batch(settings, rows, kv_memory)
+        if self.rows is None:
+            raise ValueError(f"the {engine.backend} backend cannot batch these settings")
+        keep_logits_on_device(self.rows)
+
+    @property
+    def capacity(self) -> int:
+        """How many sequences can be in the batch at once (what the KV memory holds)."""
+        return self.rows.rows
+
+    def has_room(self) -> bool:
+        return bool(self.rows.free)
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, *, restore=None, set_prompt: bool = True,
+              cuts: tuple[int, ...] = ()) -> BatchedSequence | None:
+        """A new sequence on a free row (None if there is none), its prefill ready to run; restore: a Snapshot
+        (prefix reuse) to start from, prompt_ids then being what follows it."""
+        runner = self.rows.acquire()
+        if runner is None:
+            return None
+        session = self.engine.session(self.settings, runner)
+        if restore is not None:
+            session.restore(restore)
+        seq = BatchedSequence(session, runner, TokenStream(self.engine, params), len(prompt_ids))
+        seq.prefill = session.prefill(prompt_ids, set_prompt, cuts)
+        return seq
+
+    def prefill_step(self, seq: BatchedSequence) -> list[Event]:
+        """Run the next chunk of a sequence's prompt. When the prompt is done, its first token is sampled and it
+        joins the decoding sequences (or ends already)."""
+        events: list[Event] = []
+        t0 = time.perf_counter()
+        for item in seq.prefill:
+            if item is PREFILL_CHUNK:
+                seq.t_prefill += time.perf_counter() - t0
+                return events
+            if isinstance(item, Event):
+                events.append(item)
+                continue
+            seq.prefill = None  # the last logits
+            seq.t_prefill += time.perf_counter() - t0
+            events.append(KVEvent(seq.session.metrics()))
+            if not seq.done:  # max_tokens 0 ends before the first token
+                t1 = time.perf_counter()
+                events += seq.stream.take(item)
+                seq.t_decode += time.perf_counter() - t1
+            seq.decoding = not seq.done
+            return events
+        raise RuntimeError("prefill ended without logits")
+
+    def decode_step(self, seqs: list[BatchedSequence]) -> dict[BatchedSequence, list[Event]]:
+        """One token for each decoding sequence, in one batched forward; then each one's rounds and sampling."""
+        seqs = [s for s in seqs if s.decoding and not s.done]
+        if not seqs:
+            return {}
+        t0 = time.perf_counter()
+        logits = self.rows.decode([s.runner for s in seqs], [s.stream.tokens[-1] for s in seqs],
+                                  [s.session.logical for s in seqs])
+        out: dict[BatchedSequence, list[Event]] = {}
+        for i, seq in enumerate(seqs):
+            events: list[Event] = list(seq.session.appended(1))
+            events += seq.stream.take(logits[i])
+            seq.decoding = not seq.done
+            out[seq] = events
+        spent = time.perf_counter() - t0
+        for seq in seqs:
+            seq.t_decode += spent
+        return out
+
+    def finish(self, seq: BatchedSequence, reason: str | None = None) -> list[Event]:
+        """End a sequence (done, or cancelled with reason="cancelled"): its row is freed; the closing events."""
+        if reason is not None and not seq.done:
+            seq.stream.finish = reason
+        seq.decoding = False
+        if seq.prefill is not None:
+            seq.prefill.close()
+            seq.prefill = None
+        self.rows.release(seq.runner)
+        events = seq.stream.flush()
+        events.append(DoneEvent(seq.stream.finish or "cancelled", seq.prompt_len, len(seq.stream.tokens),
+                                seq.t_prefill, seq.t_decode, seq.session.metrics()))
+        return events
