@@ -89,7 +89,7 @@ def run_batched(batch, jobs, arrive):
 def test_each_sequence_decodes_as_it_would_alone(engine, mode):
     params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (60, 25, 70, 5, 45)]
     jobs = list(zip(prompts(5), params))
-    batch = ContinuousBatch(engine, settings(engine, mode), rows=3)
+    batch = ContinuousBatch.create(engine, settings(engine, mode), rows=3)
     got = run_batched(batch, jobs, arrive=[0, 0, 7, 9, 30])
     for (prompt, p), (tokens, kept, text, done) in zip(jobs, got):
         want_tokens, want_kept, want_text, want_done = alone(engine, prompt, p, mode)
@@ -103,7 +103,7 @@ def test_each_sequence_decodes_as_it_would_alone(engine, mode):
 
 
 def test_rows_bound_the_batch_and_are_reused(engine):
-    batch = ContinuousBatch(engine, settings(engine), rows=2)
+    batch = ContinuousBatch.create(engine, settings(engine), rows=2)
     params = SamplingParams(max_tokens=3, temperature=0.0)
     a, b = batch.start([5, 6, 7], params), batch.start([8, 9], params)
     assert a is not None and b is not None and batch.start([10], params) is None
@@ -116,7 +116,7 @@ def test_rows_bound_the_batch_and_are_reused(engine):
 def test_spare_lanes_write_only_the_scratch_row(engine):
     """Three sequences decoding in a step of four lanes (a padded CUDA graph): the spare lane writes the scratch
     row, and a sequence that is not decoding (its prefill done, say) keeps its cache as it was."""
-    batch = ContinuousBatch(engine, settings(engine), rows=4)
+    batch = ContinuousBatch.create(engine, settings(engine), rows=4)
     rows = batch.rows
     rows.use_graph = True  # lanes padded to powers of two as on a GPU (the capture itself is skipped on a CPU)
     seqs = [batch.start(p, SamplingParams(max_tokens=50, temperature=0.0)) for p in prompts(4, seed=1)]
@@ -133,7 +133,7 @@ def test_spare_lanes_write_only_the_scratch_row(engine):
 
 
 def test_one_token_prompt_and_one_token_answer_end_at_prefill(engine):
-    batch = ContinuousBatch(engine, settings(engine), rows=2)
+    batch = ContinuousBatch.create(engine, settings(engine), rows=2)
     seq = batch.start([7], SamplingParams(max_tokens=1, temperature=0.0))
     events = batch.prefill_step(seq)
     assert seq.done and not seq.decoding and [e for e in events if isinstance(e, TokenEvent)]
@@ -141,3 +141,81 @@ def test_one_token_prompt_and_one_token_answer_end_at_prefill(engine):
     done = batch.finish(seq)[-1]
     assert done.finish_reason == "length" and done.generated_tokens == 1
     assert batch.rows.in_use() == 0
+
+
+def test_the_server_batches_concurrent_requests_and_answers_as_one_at_a_time(engine):
+    """`triattn serve` on the static path: concurrent requests with prompts of different lengths decode in batched
+    steps; each greedy answer equals the one the round-robin scheduler gives."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from triattn_local.serve.app import ServeOptions, ServerState, create_app
+    from triattn_local.serve.scheduler import BatchedScheduler, Scheduler
+
+    def serve(batched: bool):
+        state = ServerState(ServeOptions(served_name="tiny", parallel=3, allowed_hosts=None, max_conversations=4))
+        if not batched:
+            engine.new_row_batch = lambda *a, **k: None  # the engine's own method hidden: the round-robin path
+        try:
+            state.attach(engine, settings(engine))
+        finally:
+            engine.__dict__.pop("new_row_batch", None)
+        assert isinstance(state.scheduler, BatchedScheduler) is batched
+        assert isinstance(state.scheduler, Scheduler)
+        return state, TestClient(create_app(state))
+
+    texts = ["alpha beta gamma " * k for k in (1, 9, 4, 13, 2)]
+    bodies = [{"model": "tiny", "prompt": t, "max_tokens": 12 + 9 * i, "temperature": 0} for i, t in enumerate(texts)]
+    answers = {}
+    for batched in (False, True):
+        state, client = serve(batched)
+        got, steps = {}, []
+        if batched:  # count the sequences of each batched step
+            decode = state.scheduler.batch.decode_step
+            state.scheduler.batch.decode_step = lambda seqs: steps.append(len(seqs)) or decode(seqs)
+
+        def ask(i):
+            r = client.post("/v1/completions", json=bodies[i])
+            assert r.status_code == 200, r.text
+            got[i] = (r.json()["choices"][0]["text"], r.json()["usage"]["completion_tokens"])
+
+        with client:
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            state.scheduler.stop()
+        answers[batched] = got
+        if batched:
+            assert max(steps) > 1  # requests shared decode steps
+            assert state.scheduler.batch.rows.in_use() == 0
+    assert answers[True] == answers[False] and len(answers[True]) == len(bodies)
+
+
+def test_a_cancelled_request_leaves_the_batch_and_frees_its_row(engine):
+    import asyncio
+
+    from triattn_local.serve.conversations import SnapshotStore
+    from triattn_local.serve.scheduler import BatchedScheduler, Job
+
+    loop = asyncio.new_event_loop()
+    try:
+        batch = ContinuousBatch.create(engine, settings(engine), rows=2)
+        scheduler = BatchedScheduler(engine, settings(engine), SnapshotStore(0, 0), batch, parallel=8)
+        assert scheduler.parallel == 2  # no more requests run than the batch has rows
+        jobs = [Job(p, SamplingParams(max_tokens=40, temperature=0.0), False, loop) for p in prompts(2, seed=4)]
+        for job in jobs:
+            scheduler._start(job)
+            scheduler.active.append(job)
+        while not all(job.seq.decoding for job in jobs):
+            scheduler._turn()
+        jobs[0].cancel()
+        scheduler._turn()
+        assert scheduler.active == [jobs[1]] and batch.rows.in_use() == 1 and jobs[0].session is None
+        while scheduler.active:
+            scheduler._turn()
+        assert batch.rows.in_use() == 0 and len(jobs[1].seq.stream.tokens) == 40
+    finally:
+        loop.close()

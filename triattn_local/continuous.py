@@ -39,13 +39,19 @@ class BatchedSequence:
 class ContinuousBatch:
     """The sequences of one engine and one compression setting that share a RowBatch."""
 
-    def __init__(self, engine: Engine, settings: CompressionSettings, rows: int, kv_memory: int | None = None):
+    def __init__(self, engine: Engine, settings: CompressionSettings, rows):
         self.engine = engine
         self.settings = settings
-        self.rows = engine.new_row_batch(settings, rows, kv_memory)
-        if self.rows is None:
-            raise ValueError(f"the {engine.backend} backend cannot batch these settings")
+        self.rows = rows  # the backend's RowBatch
         keep_logits_on_device(self.rows)
+
+    @classmethod
+    def create(cls, engine: Engine, settings: CompressionSettings, rows: int,
+               kv_memory: int | None = None) -> "ContinuousBatch | None":
+        """A batch of at most `rows` sequences (fewer where kv_memory bytes, or the free GPU memory, hold fewer),
+        or None where the engine cannot batch these settings."""
+        batch = engine.new_row_batch(settings, rows, kv_memory)
+        return None if batch is None else cls(engine, settings, batch)
 
     @property
     def capacity(self) -> int:
@@ -62,9 +68,13 @@ class ContinuousBatch:
         runner = self.rows.acquire()
         if runner is None:
             return None
-        session = self.engine.session(self.settings, runner)
-        if restore is not None:
-            session.restore(restore)
+        try:
+            session = self.engine.session(self.settings, runner)
+            if restore is not None:
+                session.restore(restore)
+        except BaseException:
+            self.rows.release(runner)
+            raise
         seq = BatchedSequence(session, runner, TokenStream(self.engine, params), len(prompt_ids))
         seq.prefill = session.prefill(prompt_ids, set_prompt, cuts)
         return seq

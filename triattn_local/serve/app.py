@@ -25,7 +25,8 @@ from .limits import LOOPBACK_HOSTS, BodyBudget, HostCheck, PromptLimits, busy_er
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import chat_response, completion_response, sse, stream_chat, stream_completion, whole
-from .scheduler import Job, Scheduler
+from ..continuous import ContinuousBatch
+from .scheduler import BatchedScheduler, Job, Scheduler
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ServeOptions:
     temperature: float = 0.6  # defaults when a request does not say
     top_p: float = 0.95
     parallel: int = 8
+    kv_memory: int | None = None  # bytes for the batched KV cache (None: 85 % of the free GPU memory)
     max_conversations: int = 64  # cache snapshots kept for prefix reuse
     conversation_bytes: int = 4 << 30
     max_waiting: int | None = 16  # requests waiting for a generation slot before 429 (None: no bound)
@@ -63,7 +65,12 @@ class ServerState:
         self.engine, self.settings = engine, settings
         self.reasoning = is_reasoning_model(engine.tokenizer)
         self.limits = PromptLimits(engine.tokenizer, engine.context_length)
-        self.scheduler = Scheduler(engine, settings, self.store, self.options.parallel, self.options.max_waiting)
+        batch = ContinuousBatch.create(engine, settings, self.options.parallel, self.options.kv_memory)
+        if batch is not None:  # the torch static path (CUDA): every decoding request in one batched step
+            self.scheduler = BatchedScheduler(engine, settings, self.store, batch, self.options.parallel,
+                                              self.options.max_waiting)
+        else:
+            self.scheduler = Scheduler(engine, settings, self.store, self.options.parallel, self.options.max_waiting)
         self.scheduler.start()
         self.ready.set()
 
@@ -119,7 +126,7 @@ def create_app(state: ServerState) -> FastAPI:
                 "max_tokens": state.options.max_tokens}},
             "model_alias": state.options.served_name,
             "model_path": str(engine.model_path),
-            "total_slots": state.options.parallel,
+            "total_slots": state.scheduler.parallel,
             "triattn": {
                 "method": state.settings.method if policy else "full",
                 "budget": policy.budget if policy else None,

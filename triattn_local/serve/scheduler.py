@@ -56,6 +56,7 @@ class Job:
         self.snapshot_at: set[int] = set()  # prompt positions to snapshot at
         self.rounds_before = 0  # rounds the restored snapshot had run
         self.gen = None
+        self.seq = None  # its BatchedSequence, under continuous batching
 
     def post(self, item) -> None:
         try:
@@ -216,3 +217,93 @@ class Scheduler:
         job.gen = None
         job.session = None  # the only reference: its KV cache is freed
         self._remove(job)
+
+
+class BatchedScheduler(Scheduler):
+    """Continuous batching, where the engine can (the torch static path on CUDA): every decoding request advances
+    by one token in one batched step (continuous.py). Each turn of the worker runs one prefill chunk of the oldest
+    request still reading its prompt, then the batched step, so a new request's prompt never stalls the others for
+    more than a chunk, and its first token comes as soon as its prompt is read. At most as many requests run as the
+    batch has rows (what the KV memory holds); the rest wait in arrival order."""
+
+    def __init__(self, engine, settings, store: SnapshotStore, batch, parallel: int, max_waiting: int | None = None):
+        super().__init__(engine, settings, store, min(parallel, batch.capacity), max_waiting)
+        self.batch = batch
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if not self._admit():
+                    return
+                self._turn()
+            except Exception:  # a bug: keep serving the other requests rather than hang them all
+                log.exception("scheduler step failed")
+
+    def _start(self, job: Job) -> None:
+        prompt = job.prompt_ids
+        cuts: list[int] = []
+        match = None
+        if self.store.enabled:
+            turn_ends = self.engine.eos_token_ids()
+            cuts = cut_points(prompt, turn_ends)
+            job.snapshot_at = set(snapshot_points(prompt, turn_ends, job.chat))
+            match = self.store.match(prompt)
+        cached = 0 if match is None else match.cached
+        seq = self.batch.start(prompt[cached:], job.params, restore=None if match is None else match.snapshot,
+                               set_prompt=match is None, cuts=tuple(c for c in cuts if c > cached))
+        if seq is None:
+            raise RuntimeError("no free batch row")  # parallel never exceeds the rows
+        seq.job = job
+        job.seq, job.session = seq, seq.session
+        if match is not None:
+            if seq.session.state is not None:
+                seq.session.state.prompt_len = len(prompt)  # as the same request sent cold sets it
+            job.rounds_before = match.snapshot.kv.rounds
+        job.post(Started(cached=cached, reused=match is not None))
+
+    def _turn(self) -> None:
+        for job in list(self.active):
+            if job.cancelled.is_set():
+                self._end(job, "cancelled", post=False)
+        reading = [job for job in self.active if job.seq.prefill is not None]
+        if reading:
+            job = reading[0]
+            try:
+                self._deliver(job, self.batch.prefill_step(job.seq))
+            except Exception as e:
+                log.exception("prefill failed")
+                self._fail(job, e)
+        decoding = [job.seq for job in self.active if job.seq.decoding]
+        if not decoding:
+            return
+        try:
+            stepped = self.batch.decode_step(decoding)
+        except Exception as e:
+            log.exception("batched decode step failed")
+            for seq in decoding:
+                self._fail(seq.job, e)
+            return
+        for seq, events in stepped.items():
+            self._deliver(seq.job, events)
+
+    def _deliver(self, job: Job, events: list) -> None:
+        for event in events:
+            if isinstance(event, BoundaryEvent):
+                self._snapshot(job, event.position)
+            else:
+                job.post(event)
+        if job.seq.done:
+            self._end(job, None, post=True)
+
+    def _end(self, job: Job, reason: str | None, post: bool) -> None:
+        events = self.batch.finish(job.seq, reason)  # frees the row
+        if post:
+            for event in events:
+                job.post(event)
+        job.session = None
+        self._remove(job)
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        job.post(Failed(f"generation failed: {type(error).__name__}"))
+        if job in self.active:
+            self._end(job, "cancelled", post=False)

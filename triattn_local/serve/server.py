@@ -28,7 +28,7 @@ def served_name(model: str) -> str:
 def serve_command(model, host, port, api_key, served_model_name, no_compress, method, budget, divide_length, window,
                   sink, protect_prefill, pruning_mode, stats, max_tokens, temperature, top_p, parallel,
                   max_conversations, conversation_memory, device, dtype, backend, log_level,
-                  allowed_hosts=None, max_waiting=16, engine_factory=None) -> None:
+                  allowed_hosts=None, max_waiting=16, kv_memory=None, engine_factory=None) -> None:
     """Run the server until interrupted. engine_factory() → Engine replaces the usual loader (tests serve a
     scripted engine through it)."""
     from ..backends import choose_backend
@@ -69,6 +69,7 @@ def serve_command(model, host, port, api_key, served_model_name, no_compress, me
     options = ServeOptions(served_name=served_model_name or served_name(model), api_key=api_key,
                            allowed_hosts=hosts, max_waiting=max_waiting,
                            max_tokens=max_tokens, temperature=temperature, top_p=top_p, parallel=parallel,
+                           kv_memory=None if kv_memory is None else int(kv_memory * (1 << 30)),
                            max_conversations=max_conversations, conversation_bytes=conversation_memory << 20)
     state = ServerState(options)
     app = create_app(state)
