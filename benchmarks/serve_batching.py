@@ -1,0 +1,260 @@
+"""Continuous batching as `triattn serve` runs it on CUDA: N concurrent streams under a KV memory cap, TriAttention
+(B + N slots a stream) against full KV (prompt + output slots a stream, so fewer streams fit), on a real model shape
+with random weights (speed depends on shapes, not weight values).
+
+    python benchmarks/serve_batching.py --shape qwen3-8b --streams 1,8,32,64 --kv-memory 40,24 \
+        --prompt 1024 --output 8192 --seconds 60
+
+Every stream arrives at once and asks for --output tokens (EOS never ends it early: random weights); the loop is the
+server's (serve/scheduler.py BatchedScheduler): each turn one prefill chunk of the oldest stream still reading its
+prompt, then one batched decode step for all the others, with each stream's own compression rounds and on-device
+sampling (temperature 0.6, top-p 0.95). A configuration stops after --seconds. Reported: streams admitted (what the
+memory cap holds), aggregate and per-stream tok/s, time to first token p50/p95 (waiting for a row included), the
+share of decode time spent in compression rounds, and, with --probe, the first-token time of one more --prompt-token
+request arriving while the others decode. `--step-rate` also times the bare decode step at one stream, for the
+end-to-end vs step-rate ratio. Prints a JSON line per configuration (and writes them to --out if given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from triattn_local.backends.torch.bench import SHAPES, random_static_model  # noqa: E402
+from triattn_local.backends.torch.row_batch import RowBatch, row_bytes, rows_that_fit  # noqa: E402
+from triattn_local.continuous import ContinuousBatch  # noqa: E402
+from triattn_local.engine import CompressionSettings, Engine, Session, TokenEvent  # noqa: E402
+from triattn_local.policy import BudgetPolicy  # noqa: E402
+from triattn_local.rope import ModelShape  # noqa: E402
+from triattn_local.sampling import SamplingParams  # noqa: E402
+from triattn_local.stats.format import QueryStats, meta_for_model  # noqa: E402
+
+SHAPES.setdefault("tiny", dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=64,  # CPU checks
+                               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=16, vocab_size=512, rope_theta=10000.0, max_position_embeddings=4096,
+                               rms_norm_eps=1e-6, tie_word_embeddings=False))
+
+
+class CharTokenizer:
+    """Decoding for the streams' text: one character a token (the text is not the point, its cost per token is)."""
+
+    eos_token_id = None
+
+    def decode(self, ids, **kwargs) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+class ShapeEngine(Engine):
+    """An Engine over a random-weight StaticKVModel: only what continuous batching uses."""
+
+    backend = "torch"
+
+    def __init__(self, shape: str, device: str):
+        from transformers import AutoConfig
+
+        cfg = dict(SHAPES[shape])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        self.shape = ModelShape.from_hf_config(config.to_dict())
+        self.model = random_static_model(shape, device, torch.bfloat16 if device == "cuda" else torch.float32)
+        self.tokenizer = CharTokenizer()
+        self.model_id = self.model_path = shape
+        self.context_length = cfg["max_position_embeddings"]
+        self.kv_bytes_per_token = row_bytes(self.model, 1)
+
+    def new_runner(self, scorer=None, capacity=None):
+        raise NotImplementedError("sessions here run on batch rows")
+
+    def eos_token_ids(self) -> set[int]:
+        return set()
+
+
+def synthetic_stats(shape: ModelShape) -> QueryStats:
+    rng = np.random.default_rng(0)
+    size = (shape.num_layers, shape.num_heads, shape.head_dim // 2)
+    real, imag = rng.normal(size=size), rng.normal(size=size)
+    inv, scale = shape.rope_frequencies()
+    return QueryStats(meta_for_model(shape, "synthetic"), real.astype(np.float32), imag.astype(np.float32),
+                      (np.hypot(real, imag) + 0.5).astype(np.float32), inv, scale)
+
+
+class RoundTimer:
+    """Wall time of the compression rounds (Session._compress) run while `active` (inside decode steps),
+    synchronised on a GPU."""
+
+    def __init__(self, device: str):
+        self.seconds, self.count = 0.0, 0
+        self.active = False
+        original = Session._compress
+
+        def timed(session):
+            if not self.active:
+                return original(session)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = original(session)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - t0
+            self.count += 1
+            return out
+
+        Session._compress = timed
+
+
+def run_config(engine: ShapeEngine, method: str, streams: int, kv_gib: float, args, timer: RoundTimer) -> dict:
+    device = args.device
+    if method == "triattention":
+        policy = BudgetPolicy(args.budget, args.divide_length, args.window, 0)
+        settings = CompressionSettings(policy=policy, stats=synthetic_stats(engine.shape))
+        capacity = policy.capacity
+    else:
+        settings = CompressionSettings(policy=None)
+        capacity = args.prompt + args.output + 1
+    extra = 1 if args.probe else 0
+    per_row = row_bytes(engine.model, capacity)
+    rows = rows_that_fit(per_row, int(kv_gib * (1 << 30)) - per_row, streams + extra)
+    batch = ContinuousBatch(engine, settings, RowBatch(engine.model, rows, capacity))
+    params = SamplingParams(max_tokens=args.output, temperature=0.6, top_p=0.95, seed=1)
+    rng = np.random.default_rng(streams)
+    prompts = [[int(x) for x in rng.integers(0, 500, size=args.prompt)] for _ in range(streams)]
+    queue = list(range(streams))
+    live: dict = {}
+    first: dict[int, float] = {}
+    tokens = [0] * streams
+    probe = {"arrive": None, "first": None, "seq": None}
+    rounds0, round_s0 = timer.count, timer.seconds
+    decode_s, steps, lanes = 0.0, 0, []
+    t0 = time.perf_counter()
+    while (queue or live) and time.perf_counter() - t0 < args.seconds:
+        while queue and batch.has_room() and (not args.probe or len(live) < rows - 1):
+            i = queue.pop(0)
+            live[batch.start(prompts[i], params)] = i
+        if args.probe and probe["arrive"] is None and not queue and steps >= 50 and \
+                all(s.decoding for s in live) and batch.has_room():
+            probe["arrive"] = time.perf_counter()
+            probe["seq"] = batch.start([int(x) for x in rng.integers(0, 500, size=args.prompt)], params)
+        reading = [s for s in live if s.prefill is not None]
+        if probe["seq"] is not None and probe["first"] is None:
+            reading.insert(0, probe["seq"])
+        if reading:
+            seq = reading[0]
+            events = batch.prefill_step(seq)
+            if any(isinstance(e, TokenEvent) for e in events):
+                if seq is probe["seq"]:
+                    torch.cuda.synchronize() if device == "cuda" else None
+                    probe["first"] = time.perf_counter()
+                    batch.finish(seq, "cancelled")
+                else:
+                    first[live[seq]] = time.perf_counter() - t0
+                    tokens[live[seq]] += 1
+        decoding = [s for s in live if s.decoding]
+        if decoding:
+            ts = time.perf_counter()
+            timer.active = True
+            out = batch.decode_step(decoding)
+            timer.active = False
+            decode_s += time.perf_counter() - ts
+            steps += 1
+            lanes.append(len(decoding))
+            for seq in out:
+                tokens[live[seq]] += 1
+        for seq in [s for s in live if s.done]:
+            batch.finish(seq)
+            del live[seq]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    for seq in list(live):
+        batch.finish(seq, "cancelled")
+    ttft = np.array([first[i] for i in range(streams) if i in first])
+    started = [i for i in range(streams) if i in first]
+    per_stream = [tokens[i] / max(1e-9, elapsed - first[i]) for i in started]
+    del batch
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return dict(method=method, streams=streams, kv_gib=kv_gib, rows=rows, capacity=capacity,
+                kv_gib_used=round(rows * per_row / (1 << 30), 2), seconds=round(elapsed, 1),
+                generated=int(sum(tokens)), aggregate_tok_s=round(sum(tokens) / elapsed, 1),
+                per_stream_tok_s=round(float(np.median(per_stream)), 1) if per_stream else None,
+                ttft_p50_s=round(float(np.quantile(ttft, 0.5)), 3) if ttft.size else None,
+                ttft_p95_s=round(float(np.quantile(ttft, 0.95)), 3) if ttft.size else None,
+                streams_started=len(started), mean_lanes=round(float(np.mean(lanes)), 1) if lanes else 0,
+                rounds=timer.count - rounds0,
+                round_share_of_decode=round((timer.seconds - round_s0) / decode_s, 4) if decode_s else None,
+                probe_ttft_s=None if probe["first"] is None else round(probe["first"] - probe["arrive"], 3))
+
+
+@torch.inference_mode()
+def step_rate(engine: ShapeEngine, capacity: int, length: int, device: str, steps: int = 200) -> float:
+    """Bare decode steps a second at one stream (the row filled to `length` slots), as `triattn bench` times them."""
+    rows = RowBatch(engine.model, 1, capacity)
+    runner = rows.acquire()
+    runner.length = length
+    rows.model.k_cache.normal_()
+    rows.model.v_cache.normal_()
+    for _ in range(10):
+        runner.length = length
+        rows.decode([runner], [1], [length])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        runner.length = length
+        rows.decode([runner], [1], [length])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--streams", default="1,8,32,64")
+    ap.add_argument("--kv-memory", default="40,24", help="GiB caps for the batched KV cache, comma-separated")
+    ap.add_argument("--methods", default="triattention,full")
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--output", type=int, default=8192)
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--divide-length", type=int, default=128)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--seconds", type=float, default=60.0, help="wall-time limit of each configuration")
+    ap.add_argument("--probe", action="store_true", help="one more request (a --prompt long prompt) once the others decode")
+    ap.add_argument("--step-rate", action="store_true", help="also time the bare one-stream decode step")
+    ap.add_argument("--out", help="append the JSON lines to this file")
+    args = ap.parse_args()
+    engine = ShapeEngine(args.shape, args.device)
+    timer = RoundTimer(args.device)
+    out = open(args.out, "a") if args.out else None  # noqa: SIM115 - closed below
+    try:
+        if args.step_rate:
+            for method, capacity in (("triattention", args.budget + args.divide_length),
+                                     ("full", args.prompt + args.output + 1)):
+                line = dict(kind="step_rate", method=method, length=min(capacity - 1, args.prompt + args.output // 2),
+                            device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
+                line["steps_per_s"] = round(step_rate(engine, capacity, line["length"], args.device), 1)
+                print(json.dumps(line), flush=True)
+                out and print(json.dumps(line), file=out, flush=True)
+        for kv_gib in [float(x) for x in args.kv_memory.split(",")]:
+            for streams in [int(x) for x in args.streams.split(",")]:
+                for method in args.methods.split(","):
+                    line = run_config(engine, method, streams, kv_gib, args, timer)
+                    line["shape"] = args.shape
+                    print(json.dumps(line), flush=True)
+                    out and print(json.dumps(line), file=out, flush=True)
+    finally:
+        if out:
+            out.close()
+
+
+if __name__ == "__main__":
+    main()
