@@ -155,3 +155,26 @@ def test_mlx_greedy_suppress_and_seeds():
     logits = mx.array(rng.normal(size=500).astype(np.float32))
     assert [a(logits) for _ in range(30)] == [b(logits) for _ in range(30)]
     assert len({a(logits) for _ in range(30)}) > 1  # the key advances every draw
+
+
+def test_drawing_for_many_sequences_gives_each_its_own_tokens_in_one_transfer():
+    """A batched decode step draws every sequence's token on the device and copies the ids at once: each sequence
+    gets what its own sampler (its seed, temperature, top-p) gives it alone, greedy and host samplers included."""
+    import torch
+
+    from triattn_local.sampling import gather_ids
+
+    rng = np.random.default_rng(7)
+    logits = torch.tensor(rng.normal(size=(4, 3000)) * 3, dtype=torch.float32)
+    params = [SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, seed=1),
+              SamplingParams(max_tokens=9, temperature=0.0),
+              SamplingParams(max_tokens=9, temperature=1.2, top_p=1.0, seed=2),
+              SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, seed=3)]
+    batched, alone = [Sampler(p) for p in params], [Sampler(p) for p in params]
+    for step in range(6):
+        drawn = [s.draw(logits[i] if i != 2 else logits[i].numpy()) for i, s in enumerate(batched)]
+        assert isinstance(drawn[2], int) and isinstance(drawn[0], torch.Tensor)
+        ids = gather_ids(drawn)
+        assert ids == [s(logits[i] if i != 2 else logits[i].numpy()) for i, s in enumerate(alone)]
+        assert ids[1] == int(logits[1].argmax())
+    assert len({tuple(gather_ids([Sampler(params[0]).draw(logits[0])])) for _ in range(3)}) == 1

@@ -14,7 +14,7 @@ from typing import Iterator
 
 from .engine import (PREFILL_CHUNK, CompressionSettings, DoneEvent, Engine, Event, KVEvent, Session, TokenStream,
                      keep_logits_on_device)
-from .sampling import SamplingParams
+from .sampling import SamplingParams, gather_ids
 
 
 class BatchedSequence:
@@ -110,12 +110,11 @@ class ContinuousBatch:
         t0 = time.perf_counter()
         logits = self.rows.decode([s.runner for s in seqs], [s.stream.tokens[-1] for s in seqs],
                                   [s.session.logical for s in seqs])
-        out: dict[BatchedSequence, list[Event]] = {}
-        for i, seq in enumerate(seqs):
-            events: list[Event] = list(seq.session.appended(1))
-            events += seq.stream.take(logits[i])
+        out: dict[BatchedSequence, list[Event]] = {seq: list(seq.session.appended(1)) for seq in seqs}  # rounds
+        ids = gather_ids([seq.stream.sampler.draw(logits[i]) for i, seq in enumerate(seqs)])  # one transfer
+        for seq, token in zip(seqs, ids):
+            out[seq] += seq.stream.accept(token)
             seq.decoding = not seq.done
-            out[seq] = events
         spent = time.perf_counter() - t0
         for seq in seqs:
             seq.t_decode += spent

@@ -432,7 +432,10 @@ class TokenStream:
 
     def take(self, logits) -> list[Event]:
         """Sample the next token from logits [vocab]; the events it makes (a TokenEvent, maybe text)."""
-        token = self.sampler(logits)
+        return self.accept(self.sampler(logits))
+
+    def accept(self, token: int) -> list[Event]:
+        """The events of the next token (sampled by the caller with self.sampler)."""
         self.tokens.append(token)
         events: list[Event] = [TokenEvent(token)]
         if token in self.eos:

@@ -59,6 +59,18 @@ class Sampler:
         kept = p[keep]
         return int(keep[self.rng.choice(kept.size, p=kept / kept.sum())])
 
+    def draw(self, logits):
+        """As __call__, except that for torch logits on their device the token id stays there (a 0-d tensor): a
+        caller drawing for many sequences copies all their ids to the host at once (gather_ids)."""
+        if isinstance(logits, np.ndarray) or type(logits).__module__.startswith("mlx"):
+            return self(logits)
+        import torch
+
+        if self._torch_generator is None:
+            self._torch_generator = torch.Generator(device=logits.device)
+            self._torch_generator.manual_seed(self._device_seed())
+        return sample_on_device(logits, self.params, self._torch_generator)
+
     def _device_seed(self) -> int:
         return self.params.seed if self.params.seed is not None else int(self.rng.integers(2**63 - 1))
 
@@ -70,12 +82,20 @@ class Sampler:
                 self._mlx_key = mx.random.key(self._device_seed() % 2**63)
             self._mlx_key, key = mx.random.split(self._mlx_key)
             return int(sample_on_mlx(logits, self.params, key).item())
-        import torch
+        return int(self.draw(logits))
 
-        if self._torch_generator is None:
-            self._torch_generator = torch.Generator(device=logits.device)
-            self._torch_generator.manual_seed(self._device_seed())
-        return int(sample_on_device(logits, self.params, self._torch_generator))
+
+def gather_ids(drawn: list) -> list[int]:
+    """Token ids from Sampler.draw for many sequences: ints as they are, device tensors in one transfer."""
+    on_device = [i for i, d in enumerate(drawn) if not isinstance(d, int)]
+    if not on_device:
+        return list(drawn)
+    import torch
+
+    ids = list(drawn)
+    for i, value in zip(on_device, torch.stack([drawn[i] for i in on_device]).tolist()):
+        ids[i] = int(value)
+    return ids
 
 
 BINS_PER_NAT = 16  # log-probability bins of 1/16 nat; a bin of a flat 152k vocabulary holds ~2k tokens
