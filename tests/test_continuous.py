@@ -241,3 +241,20 @@ def test_the_serving_benchmark_runs_and_reports_every_configuration(tmp_path):
     assert tri["generated"] == full["generated"] == 4 * 300
     assert tri["rounds"] > 0 and full["rounds"] == 0
     assert tri["mean_lanes"] > full["mean_lanes"]
+
+
+def test_with_the_triton_kernels_each_sequence_still_decodes_as_alone(engine, monkeypatch):
+    """The GPU's code path in Triton's interpreter: fused lane kernels for the batched step, and the scoring and
+    compaction kernels on each row's view of the shared buffers (strided across rows)."""
+    from triattn_local.backends.torch import kernels
+
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (30, 12, 35)]
+    jobs = list(zip(prompts(3, seed=2), params))
+    want = [alone(engine, prompt, p) for prompt, p in jobs]  # the torch forms, one sequence at a time
+    monkeypatch.setattr(kernels, "available", lambda device: True)
+    batch = ContinuousBatch.create(engine, settings(engine), rows=2)
+    assert batch.rows.model.fused_decode
+    got = run_batched(batch, jobs, arrive=[0, 3, 5])
+    for (tokens, kept, text, done), (w_tokens, w_kept, w_text, w_done) in zip(got, want):
+        assert tokens == w_tokens and kept == w_kept and text == w_text
+    assert sum(len(kept) for _, kept, _, _ in got) >= 5
