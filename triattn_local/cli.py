@@ -300,7 +300,7 @@ def serve(
     temperature: float = typer.Option(0.6, help="Default when a request sets none (0 is greedy).", rich_help_panel=SAMPLING_HELP),
     top_p: float = typer.Option(0.95, help="Default when a request sets none.", rich_help_panel=SAMPLING_HELP),
     parallel: int = typer.Option(8, help="Requests generating at once (the others wait in line); on CUDA they decode in one batched step, at most as many as the KV memory holds."),
-    kv_memory: Optional[float] = typer.Option(None, help="GiB for the batched KV cache on CUDA (each request holds B + N tokens of K/V) [default: 85 % of the GPU memory free after loading]."),
+    kv_memory: Optional[float] = typer.Option(None, help="GiB for the batched KV cache on CUDA (each request holds B + N tokens of K/V) [default: 85 % of the GPU memory free after loading, less --conversation-memory]."),
     max_waiting: int = typer.Option(16, help="Requests that may wait for a slot; more get 429 (retry later)."),
     allowed_hosts: Optional[str] = typer.Option(None, "--allowed-hosts", help="Comma-separated Host header names to answer besides localhost, 127.0.0.1 and [::1] ('*': any) [default without --api-key: those only, against DNS rebinding; with a key: any]."),
     max_conversations: int = typer.Option(64, help="Cache snapshots kept for prefix reuse, taken at message boundaries (0: none)."),

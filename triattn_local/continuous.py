@@ -46,11 +46,11 @@ class ContinuousBatch:
         keep_logits_on_device(self.rows)
 
     @classmethod
-    def create(cls, engine: Engine, settings: CompressionSettings, rows: int,
-               kv_memory: int | None = None) -> "ContinuousBatch | None":
-        """A batch of at most `rows` sequences (fewer where kv_memory bytes, or the free GPU memory, hold fewer),
-        or None where the engine cannot batch these settings."""
-        batch = engine.new_row_batch(settings, rows, kv_memory)
+    def create(cls, engine: Engine, settings: CompressionSettings, rows: int, kv_memory: int | None = None,
+               reserve: int = 0) -> "ContinuousBatch | None":
+        """A batch of at most `rows` sequences (fewer where kv_memory bytes, or the free GPU memory less `reserve`,
+        hold fewer), or None where the engine cannot batch these settings."""
+        batch = engine.new_row_batch(settings, rows, kv_memory, reserve)
         return None if batch is None else cls(engine, settings, batch)
 
     @property

@@ -220,10 +220,12 @@ class Engine(ABC):
         """runner: a ModelRunner for this session's one sequence (a row of a RowBatch); else a new one."""
         return Session(self, compression or CompressionSettings(policy=None), runner)
 
-    def new_row_batch(self, compression: CompressionSettings, rows: int, kv_memory: int | None = None):
-        """Continuous batching (the server): a cache of at most `rows` sequences (as many as kv_memory bytes hold)
-        that decode together, each at its own length, with a runner per row for its prefill and rounds; None
-        where this backend cannot (the default)."""
+    def new_row_batch(self, compression: CompressionSettings, rows: int, kv_memory: int | None = None,
+                      reserve: int = 0):
+        """Continuous batching (the server): a cache of at most `rows` sequences (as many as kv_memory bytes hold;
+        by default what the accelerator has free, less `reserve` bytes kept for other uses such as snapshots) that
+        decode together, each at its own length, with a runner per row for its prefill and rounds; None where
+        this backend cannot (the default)."""
         return None
 
     def eos_token_ids(self) -> set[int]:

@@ -197,10 +197,12 @@ class TorchEngine(Engine):
             return StaticRunner(self.static_model(), capacity if triattention else None)
         return TorchRunner(self, scorer)
 
-    def new_row_batch(self, compression: CompressionSettings, rows: int, kv_memory: int | None = None):
+    def new_row_batch(self, compression: CompressionSettings, rows: int, kv_memory: int | None = None,
+                      reserve: int = 0):
         """Continuous batching where the bounded static cache serves TriAttention (CUDA, or static_cache on):
-        as many rows of B + N slots as kv_memory bytes hold (default: 85 % of the free GPU memory; on a CPU,
-        `rows`), at most `rows`. None otherwise (full attention, the baselines, the transformers path)."""
+        as many rows of B + N slots as kv_memory bytes hold (default: 85 % of the free GPU memory less `reserve`;
+        on a CPU, `rows`), at most `rows`. None otherwise (full attention, the baselines, the transformers
+        path)."""
         from .row_batch import RowBatch, row_bytes, rows_that_fit
 
         compression = resolve_pruning_mode(self, compression)
@@ -213,7 +215,7 @@ class TorchEngine(Engine):
         model = self.static_model()
         per_row = row_bytes(model, capacity)
         if kv_memory is None and self.device == "cuda":
-            kv_memory = int(torch.cuda.mem_get_info()[0] * 0.85)
+            kv_memory = int(torch.cuda.mem_get_info()[0] * 0.85) - reserve
         fit = rows if kv_memory is None else rows_that_fit(per_row, kv_memory - per_row, rows)  # + the scratch row
         return RowBatch(model, fit, capacity)
 

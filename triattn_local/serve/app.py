@@ -65,7 +65,8 @@ class ServerState:
         self.engine, self.settings = engine, settings
         self.reasoning = is_reasoning_model(engine.tokenizer)
         self.limits = PromptLimits(engine.tokenizer, engine.context_length)
-        batch = ContinuousBatch.create(engine, settings, self.options.parallel, self.options.kv_memory)
+        batch = ContinuousBatch.create(engine, settings, self.options.parallel, self.options.kv_memory,
+                                       reserve=self.options.conversation_bytes)  # the snapshots live there too
         if batch is not None:  # the torch static path (CUDA): every decoding request in one batched step
             self.scheduler = BatchedScheduler(engine, settings, self.store, batch, self.options.parallel,
                                               self.options.max_waiting)
