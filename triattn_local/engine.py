@@ -150,6 +150,12 @@ class SequenceRunner:
     def compact(self, keep: np.ndarray) -> None:
         self.runner.compact(keep[None])
 
+    def compress(self, state: CompressionState, scorer: KeyScorer) -> RoundRecord | None:
+        """A whole round planned by the runner on its device where it can (the static runner: scores, selection
+        and compaction on the GPU, only the kept indices to the host); None where the host plans it."""
+        compress = getattr(self.runner, "compress", None)
+        return None if compress is None else compress([state], scorer)[0]
+
     def reset(self) -> None:
         self.runner.reset()
 
@@ -376,9 +382,11 @@ class Session:
         yield from self._feed(list(prompt_ids), cuts)
 
     def _compress(self) -> CompressionEvent:
-        scores = self.runner.head_scores(self.scorer, self.state.round_start)
-        keep, record = self.state.plan(scores)
-        self.runner.compact(keep)
+        record = self.runner.compress(self.state, self.scorer)
+        if record is None:
+            scores = self.runner.head_scores(self.scorer, self.state.round_start)
+            keep, record = self.state.plan(scores)
+            self.runner.compact(keep)
         return CompressionEvent(record, self.metrics())
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, set_prompt: bool = True,
