@@ -44,6 +44,7 @@ class ContinuousBatch:
         self.settings = settings
         self.rows = rows  # the backend's RowBatch
         keep_logits_on_device(self.rows)
+        self.in_flight: tuple[list[BatchedSequence], object] | None = None  # a launched step: its sequences, logits
 
     @classmethod
     def create(cls, engine: Engine, settings: CompressionSettings, rows: int, kv_memory: int | None = None,
@@ -103,22 +104,41 @@ class ContinuousBatch:
         raise RuntimeError("prefill ended without logits")
 
     def decode_step(self, seqs: list[BatchedSequence]) -> dict[BatchedSequence, list[Event]]:
-        """One token for each decoding sequence, in one batched forward; then each one's rounds and sampling."""
-        seqs = [s for s in seqs if s.decoding and not s.done]
-        if not seqs:
-            return {}
+        """One token for each decoding sequence from one batched forward, then each one's rounds and sampling.
+
+        Pipelined: once the tokens are drawn (one transfer), the next step's forward is launched for every sequence
+        that goes on (EOS and max_tokens are known from the ids), and only then do the tokens become text, so
+        detokenisation and stop strings run on the host while the GPU computes. A sequence that a stop string
+        ends has one step in flight for nothing; its row is free as soon as it is finished (the device runs the
+        row's work in order). Returns the events of the tokens drawn in this call."""
+        ready = [s for s in seqs if s.decoding and not s.done]
+        if self.in_flight is None:
+            if not ready:
+                return {}
+            self._launch(ready, [s.stream.tokens[-1] for s in ready])
         t0 = time.perf_counter()
-        logits = self.rows.decode([s.runner for s in seqs], [s.stream.tokens[-1] for s in seqs],
-                                  [s.session.logical for s in seqs])
-        out: dict[BatchedSequence, list[Event]] = {seq: list(seq.session.appended(1)) for seq in seqs}  # rounds
-        ids = gather_ids([seq.stream.sampler.draw(logits[i]) for i, seq in enumerate(seqs)])  # one transfer
-        for seq, token in zip(seqs, ids):
+        flight, logits = self.in_flight
+        self.in_flight = None
+        live = [(i, s) for i, s in enumerate(flight) if s.decoding and not s.done]  # not cancelled meanwhile
+        out: dict[BatchedSequence, list[Event]] = {s: list(s.session.appended(1)) for _, s in live}  # rounds
+        ids = gather_ids([s.stream.sampler.draw(logits[i]) for i, s in live])  # one transfer
+        going = [(s, t) for (_, s), t in zip(live, ids)
+                 if t not in s.stream.eos and len(s.stream.tokens) + 1 < s.stream.params.max_tokens]
+        flying = {s for _, s in live}
+        joined = [(s, s.stream.tokens[-1]) for s in ready if s not in flying]  # their prefill just ended
+        if going or joined:
+            self._launch([s for s, _ in going + joined], [t for _, t in going + joined])
+        for (_, seq), token in zip(live, ids):
             out[seq] += seq.stream.accept(token)
             seq.decoding = not seq.done
         spent = time.perf_counter() - t0
-        for seq in seqs:
+        for seq in out:
             seq.t_decode += spent
         return out
+
+    def _launch(self, seqs: list[BatchedSequence], tokens: list[int]) -> None:
+        logits = self.rows.decode([s.runner for s in seqs], tokens, [s.session.logical for s in seqs])
+        self.in_flight = (seqs, logits)
 
     def finish(self, seq: BatchedSequence, reason: str | None = None) -> list[Event]:
         """End a sequence (done, or cancelled with reason="cancelled"): its row is freed; the closing events."""
