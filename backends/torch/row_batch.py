@@ -57,6 +57,11 @@ class RowBatch:
         self.model.fused_decode = probe.use_kernels
         if probe.use_kernels and self.device.type == "cuda":
             probe._compile_kernels()  # on the scratch row: compile and tune before the first token
+        if self.use_graph and self.device.type == "cuda":  # every lane count's graph now, not mid-stream
+            lanes = 1
+            while lanes < 2 * rows:
+                self._step(lanes)
+                lanes *= 2
 
     def acquire(self) -> RowRunner | None:
         """A runner over a free row (emptied), or None when every row is taken."""
