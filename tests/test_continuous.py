@@ -258,3 +258,32 @@ def test_with_the_triton_kernels_each_sequence_still_decodes_as_alone(engine, mo
     for (tokens, kept, text, done), (w_tokens, w_kept, w_text, w_done) in zip(got, want):
         assert tokens == w_tokens and kept == w_kept and text == w_text
     assert sum(len(kept) for _, kept, _, _ in got) >= 5
+
+
+def test_prefix_reuse_under_continuous_batching(engine):
+    """A kept snapshot restores into a batch row: the second request that shares a long prefix is served from it and
+    answers as it does cold (greedy)."""
+    from fastapi.testclient import TestClient
+
+    from triattn_local.serve.app import ServeOptions, ServerState, create_app
+    from triattn_local.serve.scheduler import BatchedScheduler
+
+    def ask(client, prompt):
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 20,
+                                                 "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        return body["choices"][0]["text"], (body["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+
+    shared = "the ledger of the harbour " * 60
+    answers = []
+    for keep in (4, 0):  # with snapshots, then cold
+        state = ServerState(ServeOptions(served_name="tiny", parallel=2, allowed_hosts=None, max_conversations=keep))
+        state.attach(engine, settings(engine))
+        assert isinstance(state.scheduler, BatchedScheduler)
+        with TestClient(create_app(state)) as client:
+            answers.append([ask(client, shared + tail) for tail in ("first question", "second question")])
+            state.scheduler.stop()
+    (first, second), (cold_first, cold_second) = answers
+    assert second[1] >= 256 and first[1] == 0 and cold_second[1] == 0  # served from the first request's snapshot
+    assert (first[0], second[0]) == (cold_first[0], cold_second[0])
