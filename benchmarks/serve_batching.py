@@ -11,8 +11,9 @@ prompt, then one batched decode step for all the others, with each stream's own 
 sampling (temperature 0.6, top-p 0.95). A configuration stops after --seconds. Reported: streams admitted (what the
 memory cap holds), aggregate and per-stream tok/s, time to first token p50/p95 (waiting for a row included), the
 share of decode time spent in compression rounds, and, with --probe, the first-token time of one more --prompt-token
-request arriving while the others decode. `--step-rate` also times the bare decode step at one stream, for the
-end-to-end vs step-rate ratio. Prints a JSON line per configuration (and writes them to --out if given).
+request arriving while the others decode. `--step-rate` also times the bare decode step at one stream, and
+`--single TOKENS` one stream end to end through Session.generate (what `triattn run` runs, default sampling) beside
+`triattn bench`'s step rate for the same settings. Prints a JSON line per configuration (and to --out if given).
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ class ShapeEngine(Engine):
         self.kv_bytes_per_token = row_bytes(self.model, 1)
 
     def new_runner(self, scorer=None, capacity=None):
-        raise NotImplementedError("sessions here run on batch rows")
+        """The runner `triattn run` gets on CUDA: the static cache, bounded (TriAttention) or growing (full)."""
+        from triattn_local.backends.torch.static_runner import StaticRunner
+
+        return StaticRunner(self.model, capacity if scorer is not None else None)
 
     def eos_token_ids(self) -> set[int]:
         return set()
@@ -193,6 +197,32 @@ def run_config(engine: ShapeEngine, method: str, streams: int, kv_gib: float, ar
                 probe_ttft_s=None if probe["first"] is None else round(probe["first"] - probe["arrive"], 3))
 
 
+def single_stream(engine: ShapeEngine, method: str, args) -> dict:
+    """One stream through Session.generate (the loop `triattn run` uses) with the default sampling, beside the
+    decode-step rate `triattn bench` measures for the same shape, budget and mean length (CUDA only)."""
+    from triattn_local.backends.torch.bench import bench_static
+
+    stats = synthetic_stats(engine.shape)
+    if method == "triattention":
+        settings = CompressionSettings(BudgetPolicy(args.budget, args.divide_length, args.window, 0), stats=stats)
+    else:
+        settings = CompressionSettings(policy=None)
+    prompt = [int(x) for x in np.random.default_rng(0).integers(0, 500, size=args.prompt)]
+    params = SamplingParams(max_tokens=args.single, temperature=0.6, top_p=0.95, seed=1)
+    times = []
+    for event in engine.session(settings).generate(prompt, params):
+        if isinstance(event, TokenEvent):
+            times.append(time.perf_counter())
+    e2e = (len(times) - 1) / (times[-1] - times[0])
+    line = dict(kind="single_stream", method=method, prompt=args.prompt, tokens=len(times),
+                end_to_end_tok_s=round(e2e, 1))
+    if args.device == "cuda":
+        row = bench_static(engine.model, stats, 1, args.prompt + args.single // 2,
+                           args.budget if method == "triattention" else None, args.divide_length, 300, 1.0)
+        line.update(bench_tok_s=round(1e3 / row.step_ms, 1), share_of_bench=round(e2e * row.step_ms / 1e3, 3))
+    return line
+
+
 @torch.inference_mode()
 def step_rate(engine: ShapeEngine, capacity: int, length: int, device: str, steps: int = 200) -> float:
     """Bare decode steps a second at one stream (the row filled to `length` slots), as `triattn bench` times them."""
@@ -230,12 +260,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="wall-time limit of each configuration")
     ap.add_argument("--probe", action="store_true", help="one more request (a --prompt long prompt) once the others decode")
     ap.add_argument("--step-rate", action="store_true", help="also time the bare one-stream decode step")
+    ap.add_argument("--single", type=int, default=0, metavar="TOKENS",
+                    help="also one stream end to end (Session.generate, default sampling) for TOKENS tokens, beside "
+                         "`triattn bench`'s step rate")
     ap.add_argument("--out", help="append the JSON lines to this file")
     args = ap.parse_args()
     engine = ShapeEngine(args.shape, args.device)
     timer = RoundTimer(args.device)
     out = open(args.out, "a") if args.out else None  # noqa: SIM115 - closed below
     try:
+        for method in args.methods.split(",") if args.single else []:
+            line = single_stream(engine, method, args)
+            print(json.dumps(line), flush=True)
+            out and print(json.dumps(line), file=out, flush=True)
         if args.step_rate:
             for method, capacity in (("triattention", args.budget + args.divide_length),
                                      ("full", args.prompt + args.output + 1)):
