@@ -4,7 +4,9 @@ A sequence joins after its prefill (run a chunk at a time, so a long prompt neve
 leaves when it ends; between steps the set changes freely. Each sequence keeps its own length, RoPE positions and
 compression rounds: its Session does the bookkeeping and its rounds exactly as for a lone sequence, over a row of the
 backend's RowBatch (Engine.new_row_batch); only the forward of the decode step is shared. So a sequence gives the
-same tokens as Session.generate would alone (greedy), whoever else is in the batch.
+same tokens as Session.generate would alone (greedy), whoever else is in the batch. The step is pipelined: the
+next forward is launched as soon as the tokens are drawn, and turning them into text (detokenisation, stop strings)
+happens while it runs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class BatchedSequence:
         self.prompt_len = prompt_len
         self.prefill: Iterator | None = None  # Session.prefill while the prompt runs
         self.decoding = False
-        self.t_start = time.perf_counter()
+        self.job = None  # the server's request it serves, if any
         self.t_prefill = 0.0
         self.t_decode = 0.0
 
