@@ -297,11 +297,11 @@ class LlamaCppEngine(Engine):
             raise UserError(f"llama.cpp cannot create a context of {n_ctx} tokens for {self.gguf_path}")
         return ctx
 
-    def session(self, compression: CompressionSettings | None = None) -> Session:
+    def session(self, compression: CompressionSettings | None = None, runner=None) -> Session:
         """A session, after refusing in one line what this backend cannot do (see check_settings)."""
         compression = compression or CompressionSettings(policy=None)
         check_settings(compression)
-        return super().session(compression)
+        return super().session(compression, runner)
 
     def new_runner(self, scorer: KeyScorer | None = None, n_ctx: int | None = None) -> LlamaCppRunner:
         return LlamaCppRunner(self, scorer, n_ctx or self.n_ctx)
