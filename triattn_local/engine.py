@@ -382,7 +382,8 @@ class Session:
         yield from self._feed(list(prompt_ids), cuts)
 
     def _compress(self) -> CompressionEvent:
-        record = self.runner.compress(self.state, self.scorer)
+        compress = getattr(self.runner, "compress", None)  # a runner written to the older protocol has none
+        record = None if compress is None else compress(self.state, self.scorer)
         if record is None:
             scores = self.runner.head_scores(self.scorer, self.state.round_start)
             keep, record = self.state.plan(scores)
