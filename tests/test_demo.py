@@ -81,3 +81,36 @@ def test_run_demo_from_the_command_line():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "<think>" in r.stdout and f"The final value is {p.answer}." in r.stdout
+
+
+def test_teacher_forcing_counts_the_tokens_compression_gets_wrong():
+    """Teacher forcing feeds each reference response under compression and counts greedy misses: none (or nearly)
+    with full attention, more with a budget whose window misses the task's lag; a row without a miss is exactly
+    what free greedy decoding produces."""
+    from triattn_local.backends import load_engine
+    from triattn_local.batch import generate_batch
+    from triattn_local.engine import CompressionSettings
+    from triattn_local.policy import BudgetPolicy
+    from triattn_local.sampling import SamplingParams
+    from triattn_local.stats.format import QueryStats
+
+    engine = load_engine("demo", device="cpu")
+    rng = random.Random(5)
+    problems = [make_problem(rng, steps=60) for _ in range(2)]
+    prompts = [engine.encode_prompt(p.prompt) for p in problems]
+    end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    forced = [engine.tokenizer.encode(p.response, add_special_tokens=False) + [end] for p in problems]
+    params = SamplingParams(max_tokens=max(len(f) for f in forced), temperature=0.0)
+    full = CompressionSettings(policy=None)
+    tight = CompressionSettings(BudgetPolicy(64, 16, 16, 0),
+                                stats=QueryStats.load(MODEL / "triattn_stats.safetensors"))
+    forced_full = generate_batch(engine, prompts, full, params, forced=forced)
+    forced_tight = generate_batch(engine, prompts, tight, params, forced=forced)
+    assert [r.token_ids for r in forced_full] == forced == [r.token_ids for r in forced_tight]
+    total = sum(len(f) for f in forced)
+    errors_full = sum(r.forced_errors for r in forced_full)
+    errors_tight = sum(r.forced_errors for r in forced_tight)
+    assert errors_full <= 0.01 * total and errors_tight > errors_full
+    free = generate_batch(engine, prompts, full, params)
+    for r, f, teacher in zip(free, forced, forced_full):
+        assert (r.token_ids == f) == (teacher.forced_errors == 0)

@@ -32,14 +32,17 @@ class BatchResult:
     # take text back, may already have shown the part of a stop string that came in earlier tokens)
     finish_reason: str  # "stop" | "length"
     metrics: KVMetrics  # the row's KV when it finished: peak retained tokens, rounds, kv bytes …
+    forced_errors: int = 0  # teacher forcing: steps whose greedy token was not the forced one
 
 
 class _Row:
     """One sequence of the batch: its compression state, sampler, text and stop conditions."""
 
     def __init__(self, index: int, engine: Engine, settings: CompressionSettings, scorer, params: SamplingParams,
-                 prompt_len: int):
+                 prompt_len: int, forced: list[int] | None = None):
         self.index = index
+        self.forced = forced
+        self.forced_errors = 0
         self.state: CompressionState | None = None
         if scorer is not None:
             shape = engine.shape
@@ -55,7 +58,16 @@ class _Row:
         self.metrics: KVMetrics | None = None
 
     def take(self, logits: np.ndarray, eos: set[int], stops: list[str]) -> bool:
-        """Sample the next token from this row's logits [vocab]; True when it ends the row (EOS or a stop string)."""
+        """Sample the next token from this row's logits [vocab]; True when it ends the row (EOS or a stop string).
+        Under teacher forcing the next forced token is taken instead, and a greedy miss is counted."""
+        if self.forced is not None:
+            token = self.forced[len(self.tokens)]
+            self.forced_errors += int(logits.argmax()) != token
+            self.tokens.append(token)
+            if len(self.tokens) == len(self.forced):
+                self.finish = "stop"
+                return True
+            return False
         token = self.sampler(logits)
         self.tokens.append(token)
         if token in eos:
@@ -74,10 +86,13 @@ class _Row:
 
 def generate_batch(engine: Engine, prompts: list[list[int]], settings: CompressionSettings, params: SamplingParams,
                    progress: bool = False,
-                   on_round: Callable[[int, RoundRecord], None] | None = None) -> list[BatchResult]:
+                   on_round: Callable[[int, RoundRecord], None] | None = None,
+                   forced: list[list[int]] | None = None) -> list[BatchResult]:
     """Generate a completion for every prompt (all of the same length), in one batch. Results are in prompt order.
 
-    on_round(row, record), if given, is called for every row's compression round (row: index into prompts)."""
+    on_round(row, record), if given, is called for every row's compression round (row: index into prompts).
+    forced (teacher forcing): each row is fed these tokens instead of sampling (params.max_tokens must cover
+    them), and its result counts the steps where the greedy token differed (forced_errors)."""
     if not prompts:
         return []
     length = len(prompts[0])
@@ -85,7 +100,8 @@ def generate_batch(engine: Engine, prompts: list[list[int]], settings: Compressi
         lengths = sorted({len(p) for p in prompts})
         raise UserError(f"batched prompts must all have the same, non-zero length (got lengths {lengths})")
     scorer = make_scorer(settings, engine.shape) if settings.enabled else None
-    rows = [_Row(i, engine, settings, scorer, params, length) for i in range(len(prompts))]
+    rows = [_Row(i, engine, settings, scorer, params, length, None if forced is None else forced[i])
+            for i in range(len(prompts))]
     active = list(rows)  # the runner's batch, in order
     runner = engine.new_runner(scorer, settings.policy.capacity if settings.enabled else None)
     keep_logits_on_device(runner)
@@ -146,7 +162,7 @@ def generate_batch(engine: Engine, prompts: list[list[int]], settings: Compressi
                 runner.select_rows(going)
                 active = [active[b] for b in going]
             logits = feed(np.array([[row.tokens[-1]] for row in active], dtype=np.int64))
-    return [BatchResult(row.tokens, row.text, row.finish, row.metrics) for row in rows]
+    return [BatchResult(row.tokens, row.text, row.finish, row.metrics, row.forced_errors) for row in rows]
 
 
 @contextmanager

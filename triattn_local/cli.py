@@ -228,6 +228,9 @@ def eval_command(
     plot_only: bool = typer.Option(False, "--plot-only", help="Only redraw the plot from OUT/fidelity.json."),
     task: str = typer.Option("auto", help="lagsum | ledger: the held-out problems [default: the lagged sum; "
                              "ledger for a model named `ledger`]."),
+    teacher_forcing: bool = typer.Option(False, "--teacher-forcing", help="Also feed each reference response and "
+                                         "report the per-token error under each method's compression (a second "
+                                         "pass per cell)."),
 ):
     """Accuracy under a KV budget on held-out demo problems: TriAttention vs SnapKV, R-KV, H2O, StreamingLLM, full."""
     from . import checks
@@ -260,7 +263,7 @@ def eval_command(
         checks.model(model, "auto")
         cfg = EvalConfig(model=model, problems=limit or problems, window=window, divide_length=divide_length,
                          sinks=sink, pruning_mode=pruning_mode, protect_prefill=protect_prefill, device=device,
-                         dtype=dtype, batch=batch, max_offset=max_offset, task=task)
+                         dtype=dtype, batch=batch, max_offset=max_offset, task=task, teacher_forcing=teacher_forcing)
         command = " ".join(["triattn eval", *sys.argv[2:]]).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         def on_cell(cell, cells):  # results so far are on disk after every cell
             print(describe(cell), file=sys.stderr, flush=True)

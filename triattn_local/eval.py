@@ -31,6 +31,13 @@ class Cell:
     mean_kv_bytes_peak: float
     mean_logical_tokens: float
     seconds: float
+    forced_tokens: int = 0  # teacher forcing (--teacher-forcing): reference tokens fed
+    forced_errors: int = 0  # … where the greedy next token was another
+
+    @property
+    def token_error_rate(self) -> float | None:
+        """Per-token error under teacher forcing: the share of reference tokens the model would not have chosen."""
+        return self.forced_errors / self.forced_tokens if self.forced_tokens else None
 
     @property
     def accuracy(self) -> float:
@@ -65,6 +72,7 @@ class EvalConfig:
     max_offset: int = 65536
     seed: int = 20261129
     task: str = "auto"  # lagsum | ledger; auto: ledger for the `ledger` model, else the lagged sum
+    teacher_forcing: bool = False  # also feed each reference response and count greedy misses per token
 
 
 def task_module(cfg: EvalConfig):
@@ -116,12 +124,22 @@ def run_cell(cfg: EvalConfig, method: str, budget: int | None) -> Cell:
         solved += [p for _, p in batch]
     correct = sum(task.parse_answer(r.text) == p.answer for r, p in zip(results, solved))
     n = len(results)
+    forced_tokens = forced_errors = 0
+    if cfg.teacher_forcing:
+        end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        for batch in length_matched(problems, engine, task, cfg.batch):
+            forced = [engine.tokenizer.encode(p.response, add_special_tokens=False) + [end] for _, p in batch]
+            longest = SamplingParams(max_tokens=max(len(f) for f in forced), temperature=0.0)
+            forced_results = generate_batch(engine, [ids for ids, _ in batch], settings, longest, forced=forced)
+            forced_tokens += sum(len(f) for f in forced)
+            forced_errors += sum(r.forced_errors for r in forced_results)
     return Cell(
         method=method, budget=budget, problems=n, correct=correct,
         mean_peak_kv_tokens=sum(r.metrics.peak_retained_tokens for r in results) / n,
         mean_kv_bytes_peak=sum(r.metrics.peak_retained_tokens for r in results) / n * engine.kv_bytes_per_token,
         mean_logical_tokens=sum(r.metrics.logical_tokens for r in results) / n,
         seconds=time.perf_counter() - start,
+        forced_tokens=forced_tokens, forced_errors=forced_errors,
     )
 
 
@@ -182,7 +200,8 @@ def describe(c: Cell) -> str:
     lo, hi = c.interval()
     budget = "full" if c.budget is None else f"B={c.budget}"
     return (f"{c.method:13s} {budget:7s} {100 * c.accuracy:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] "
-            f"n={c.problems} peak KV {c.mean_peak_kv_tokens:.0f} tok, {c.seconds:.0f} s")
+            f"n={c.problems} peak KV {c.mean_peak_kv_tokens:.0f} tok, {c.seconds:.0f} s"
+            + (f", per-token error {100 * c.token_error_rate:.2f}% (teacher forcing)" if c.forced_tokens else ""))
 
 
 def fresh_folder(prefix: str = "triattn-eval", parent: Path | None = None) -> Path:
@@ -200,7 +219,8 @@ def write_results(cells: list[Cell], cfg: EvalConfig, out: Path, command: str) -
     from .files import write_atomic
 
     data = {"config": asdict(cfg), "command": command,
-            "cells": [dict(asdict(c), accuracy=c.accuracy, interval95=c.interval()) for c in cells]}
+            "cells": [dict(asdict(c), accuracy=c.accuracy, interval95=c.interval(),
+                           **({"token_error_rate": c.token_error_rate} if c.forced_tokens else {})) for c in cells]}
     write_atomic(out / "fidelity.json", json.dumps(data, indent=1))
     write_atomic(out / "fidelity.md", markdown_table(cells, cfg, command))
 
@@ -232,7 +252,27 @@ def markdown_table(cells: list[Cell], cfg: EvalConfig, command: str) -> str:
         notes.append(f"Full attention: {100 * full.accuracy:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}], "
                      f"mean sequence {full.mean_logical_tokens:.0f} tokens (the compression ratios above are of this).")
     notes.append(f"Command: `{command}`")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    if any(c.forced_tokens for c in cells):
+        text += "\n" + forced_table(cells, budgets, methods, full)
+    return text
+
+
+def forced_table(cells: list[Cell], budgets: list[int], methods: list[str], full: Cell | None) -> str:
+    """Per-token error under teacher forcing: each reference response fed token by token under the method's
+    compression; the share of its tokens that greedy decoding would not have produced."""
+    rate = lambda c: "– " if c is None or not c.forced_tokens else f"{100 * c.token_error_rate:.2f}% "  # noqa: E731
+    lines = ["| per-token error (teacher forcing) | " + " | ".join(f"B={b}" for b in budgets) + " |",
+             "|---" * (len(budgets) + 1) + "|"]
+    for m in methods:
+        row = [f"| {m} "] + [f"| {rate(next((c for c in cells if c.method == m and c.budget == b), None))}"
+                             for b in budgets]
+        lines.append("".join(row) + "|")
+    note = "Each held-out problem's reference response is fed token by token under each method's compression; the rate"
+    note += " is the share of its tokens that greedy decoding would not have chosen."
+    if full is not None and full.forced_tokens:
+        note += f" Full attention: {100 * full.token_error_rate:.2f}% of {full.forced_tokens} tokens."
+    return "\n".join(lines) + "\n\n" + note + "\n"
 
 
 def plot(json_path: Path, png_path: Path) -> None:
