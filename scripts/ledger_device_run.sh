@@ -25,6 +25,6 @@ timeout ${DIAG_S:-120} python3 -m triattn_local.diagnose $M --device cuda --prob
 tar cf $OUT/meta.tar -C $M --exclude 'model-*.safetensors' .
 if [ "${FIDELITY:-0}" = 1 ]; then
   python3 -m triattn_local.cli eval --model $M --task ledger --device cuda --jobs 14 --batch 64 \
-    --budgets ${BUDGETS:-512,1024,2048} --out $OUT/fid 2>&1 | grep -v "^Loading"
+    --budgets ${BUDGETS:-512,1024,2048} --teacher-forcing --out $OUT/fid 2>&1 | grep -v "^Loading"
 fi
 ls -la $OUT
