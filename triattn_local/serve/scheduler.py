@@ -195,12 +195,18 @@ class Scheduler:
                 if isinstance(event, BoundaryEvent):
                     self._snapshot(job, event.position)
                     continue
+                if isinstance(event, DoneEvent):
+                    break
                 job.post(event)
                 if isinstance(event, TokenEvent):
                     return
-                if isinstance(event, DoneEvent):
-                    break
-            self._drop(job, close=False)  # done: its cache lives on only in the snapshots taken
+            else:
+                event = None
+            # done: its cache lives on only in the snapshots taken. Dropped before the client hears the end, so
+            # that what it asks next (/metrics, a new request) sees the place free.
+            self._drop(job, close=False)
+            if event is not None:
+                job.post(event)
         except Exception as e:
             log.exception("generation failed")
             job.post(Failed(f"generation failed: {type(e).__name__}"))
@@ -297,11 +303,11 @@ class BatchedScheduler(Scheduler):
 
     def _end(self, job: Job, reason: str | None, post: bool) -> None:
         events = self.batch.finish(job.seq, reason)  # frees the row
+        job.session = None
+        self._remove(job)  # before the client hears the end, as in _advance
         if post:
             for event in events:
                 job.post(event)
-        job.session = None
-        self._remove(job)
 
     def _fail(self, job: Job, error: Exception) -> None:
         job.post(Failed(f"generation failed: {type(error).__name__}"))
