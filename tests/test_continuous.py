@@ -33,13 +33,14 @@ def prompts(n, seed=0):
     return [[int(x) for x in rng.integers(5, 300, size=int(length))] for length in rng.integers(3, 150, size=n)]
 
 
-def alone(engine, prompt, params, mode="per_head"):
-    tokens, kept, text = [], [], ""
-    for ev in engine.session(settings(engine, mode)).generate(prompt, params):
+def collect(events, result=([], [], "", None)):
+    """(tokens, kept positions of each round, text, DoneEvent) after these events, continuing `result`."""
+    tokens, kept, text, done = result
+    for ev in events:
         if isinstance(ev, TokenEvent):
-            tokens.append(ev.token_id)
+            tokens = tokens + [ev.token_id]
         elif isinstance(ev, CompressionEvent):
-            kept.append(ev.record.kept)
+            kept = kept + [ev.record.kept]
         elif isinstance(ev, TextEvent):
             text += ev.text
         elif isinstance(ev, DoneEvent):
@@ -47,10 +48,14 @@ def alone(engine, prompt, params, mode="per_head"):
     return tokens, kept, text, done
 
 
+def alone(engine, prompt, params, mode="per_head"):
+    return collect(engine.session(settings(engine, mode)).generate(prompt, params))
+
+
 def run_batched(batch, jobs, arrive):
     """jobs: (prompt, params); arrive[i]: the decode step before which job i starts (when a row is free).
     Steps as a server does: one prefill chunk of one starting sequence, then one decode step for all."""
-    results = {i: ([], [], "", None) for i in range(len(jobs))}
+    results = {i: collect([]) for i in range(len(jobs))}
     live, waiting, step = {}, list(range(len(jobs))), 0
     while waiting or live:
         for i in [i for i in waiting if arrive[i] <= step]:
@@ -68,17 +73,7 @@ def run_batched(batch, jobs, arrive):
         for seq, evs in events.items():
             if seq.done:
                 evs += batch.finish(seq)
-            tokens, kept, text, done = results[live[seq]]
-            for ev in evs:
-                if isinstance(ev, TokenEvent):
-                    tokens.append(ev.token_id)
-                elif isinstance(ev, CompressionEvent):
-                    kept.append(ev.record.kept)
-                elif isinstance(ev, TextEvent):
-                    text += ev.text
-                elif isinstance(ev, DoneEvent):
-                    done = ev
-            results[live[seq]] = (tokens, kept, text, done)
+            results[live[seq]] = collect(evs, results[live[seq]])
             if seq.done:
                 del live[seq]
         step += 1

@@ -119,10 +119,25 @@ class Scheduler:
             try:
                 if not self._admit():
                     return
-                for job in list(self.active):
-                    self._advance(job)
+                self._turn()
             except Exception:  # a bug: keep serving the other requests rather than hang them all
                 log.exception("scheduler step failed")
+
+    def _turn(self) -> None:
+        """One round of the worker: each active request advances by one step."""
+        for job in list(self.active):
+            self._advance(job)
+
+    def _prefix(self, job: Job):
+        """The prompt's cut points and the kept snapshot it starts from (None), with its snapshot points set."""
+        cuts: list[int] = []
+        match = None
+        if self.store.enabled:
+            turn_ends = self.engine.eos_token_ids()
+            cuts = cut_points(job.prompt_ids, turn_ends)
+            job.snapshot_at = set(snapshot_points(job.prompt_ids, turn_ends, job.chat))
+            match = self.store.match(job.prompt_ids)
+        return cuts, match
 
     def _admit(self) -> bool:
         """Move arrivals into the waiting line (blocking while nothing is active), then start waiting jobs while
@@ -159,13 +174,7 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         prompt = job.prompt_ids
         job.session = self.engine.session(self.settings)
-        cuts: list[int] = []
-        match = None
-        if self.store.enabled:
-            turn_ends = self.engine.eos_token_ids()
-            cuts = cut_points(prompt, turn_ends)
-            job.snapshot_at = set(snapshot_points(prompt, turn_ends, job.chat))
-            match = self.store.match(prompt)
+        cuts, match = self._prefix(job)
         cached = 0
         if match is not None:
             job.session.restore(match.snapshot)
@@ -236,24 +245,9 @@ class BatchedScheduler(Scheduler):
         super().__init__(engine, settings, store, min(parallel, batch.capacity), max_waiting)
         self.batch = batch
 
-    def _run(self) -> None:
-        while True:
-            try:
-                if not self._admit():
-                    return
-                self._turn()
-            except Exception:  # a bug: keep serving the other requests rather than hang them all
-                log.exception("scheduler step failed")
-
     def _start(self, job: Job) -> None:
         prompt = job.prompt_ids
-        cuts: list[int] = []
-        match = None
-        if self.store.enabled:
-            turn_ends = self.engine.eos_token_ids()
-            cuts = cut_points(prompt, turn_ends)
-            job.snapshot_at = set(snapshot_points(prompt, turn_ends, job.chat))
-            match = self.store.match(prompt)
+        cuts, match = self._prefix(job)
         cached = 0 if match is None else match.cached
         seq = self.batch.start(prompt[cached:], job.params, restore=None if match is None else match.snapshot,
                                set_prompt=match is None, cuts=tuple(c for c in cuts if c > cached))
