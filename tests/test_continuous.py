@@ -25,6 +25,8 @@ def engine(tiny_model_factory):
 
 
 def settings(engine, mode="per_head"):
+    if mode == "full":  # full attention: a row holds the whole context
+        return CompressionSettings(policy=None)
     return CompressionSettings(BudgetPolicy(40, 16, 8, 0, pruning_mode=mode), synthetic_stats(engine.shape))
 
 
@@ -80,7 +82,7 @@ def run_batched(batch, jobs, arrive):
     return [results[i] for i in range(len(jobs))]
 
 
-@pytest.mark.parametrize("mode", ["per_head", "per_layer_head", "global"])
+@pytest.mark.parametrize("mode", ["per_head", "per_layer_head", "global", "full"])
 def test_each_sequence_decodes_as_it_would_alone(engine, mode):
     params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (60, 25, 70, 5, 45)]
     jobs = list(zip(prompts(5), params))
@@ -93,7 +95,10 @@ def test_each_sequence_decodes_as_it_would_alone(engine, mode):
         assert text == want_text
         assert (done.finish_reason, done.generated_tokens) == (want_done.finish_reason, want_done.generated_tokens)
         assert done.metrics.rounds == want_done.metrics.rounds
-    assert sum(len(kept) for _, kept, _, _ in got) >= 10  # rounds in prefill and in batched decode
+    if mode == "full":
+        assert batch.rows.capacity == engine.context_length and not any(kept for _, kept, _, _ in got)
+    else:
+        assert sum(len(kept) for _, kept, _, _ in got) >= 10  # rounds in prefill and in batched decode
     assert batch.rows.in_use() == 0  # every row freed
 
 
@@ -138,9 +143,10 @@ def test_one_token_prompt_and_one_token_answer_end_at_prefill(engine):
     assert batch.rows.in_use() == 0
 
 
-def test_the_server_batches_concurrent_requests_and_answers_as_one_at_a_time(engine):
+@pytest.mark.parametrize("mode", ["per_head", "full"])
+def test_the_server_batches_concurrent_requests_and_answers_as_one_at_a_time(engine, mode):
     """`triattn serve` on the static path: concurrent requests with prompts of different lengths decode in batched
-    steps; each greedy answer equals the one the round-robin scheduler gives."""
+    steps; each greedy answer equals the one the round-robin scheduler gives (TriAttention and full attention)."""
     import threading
 
     from fastapi.testclient import TestClient
@@ -153,7 +159,7 @@ def test_the_server_batches_concurrent_requests_and_answers_as_one_at_a_time(eng
         if not batched:
             engine.new_row_batch = lambda *a, **k: None  # the engine's own method hidden: the round-robin path
         try:
-            state.attach(engine, settings(engine))
+            state.attach(engine, settings(engine, mode))
         finally:
             engine.__dict__.pop("new_row_batch", None)
         assert isinstance(state.scheduler, BatchedScheduler) is batched

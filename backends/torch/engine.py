@@ -199,19 +199,22 @@ class TorchEngine(Engine):
 
     def new_row_batch(self, compression: CompressionSettings, rows: int, kv_memory: int | None = None,
                       reserve: int = 0):
-        """Continuous batching where the bounded static cache serves TriAttention (CUDA, or static_cache on):
-        as many rows of B + N slots as kv_memory bytes hold (default: 85 % of the free GPU memory less `reserve`;
-        on a CPU, `rows`), at most `rows`. None otherwise (full attention, the baselines, the transformers
-        path)."""
+        """Continuous batching on the static cache (CUDA, or static_cache on): as many rows as kv_memory bytes
+        hold (default: 85 % of the free GPU memory less `reserve`; on a CPU, `rows`), at most `rows`. A row holds
+        B + N slots with TriAttention; with full attention it holds the whole context (prompt + answer never
+        exceed it), so far fewer rows fit. None for the baselines and the transformers path."""
         from .row_batch import RowBatch, row_bytes, rows_that_fit
 
-        compression = resolve_pruning_mode(self, compression)
-        if not compression.enabled or not self.static_cache:
+        if not self.static_cache:
             return None
-        scorer = make_scorer(compression, self.shape)
-        if not isinstance(scorer, TriAttentionScorer) or scorer.offset_aggregation != "mean":
-            return None
-        capacity = compression.policy.capacity
+        if compression.enabled:
+            compression = resolve_pruning_mode(self, compression)
+            scorer = make_scorer(compression, self.shape)
+            if not isinstance(scorer, TriAttentionScorer) or scorer.offset_aggregation != "mean":
+                return None
+            capacity = compression.policy.capacity
+        else:
+            capacity = self.context_length
         model = self.static_model()
         per_row = row_bytes(model, capacity)
         if kv_memory is None and self.device == "cuda":

@@ -3,8 +3,9 @@
 Each active request is a Session.generate generator; one step advances it to its next sampled token (a long prompt
 is one step, or one step per compression round when compression is on). So a new request's first token waits for
 at most one step of each other request, not for them to finish. At most `parallel` requests are active (each holds
-its KV cache); the others wait in arrival order. Sessions advance one at a time rather than in one batched forward:
-the engine's batch runner needs equal lengths in lockstep, which requests of a server never have.
+its KV cache); the others wait in arrival order. Where the backend has a row batch (the torch static path on
+CUDA), BatchedScheduler instead decodes every active request in one batched step (continuous.py); elsewhere
+sessions advance one at a time.
 
 Events go back to each request's asyncio queue through its event loop. A request whose client went away is
 cancelled: its generator is closed and its session dropped, which frees its KV cache.
