@@ -197,6 +197,51 @@ def run_config(engine: ShapeEngine, method: str, streams: int, kv_gib: float, ar
                 probe_ttft_s=None if probe["first"] is None else round(probe["first"] - probe["arrive"], 3))
 
 
+def transformers_baseline(hf_model, bytes_per_token: int, streams: int, kv_gib: float, args) -> dict:
+    """What serving with transformers alone gives: static batches through `generate` (DynamicCache, default
+    sampling), as many streams per batch as the cap holds at prompt + output tokens each; a batch's first tokens
+    all come after its whole prefill, and the streams that do not fit wait for the batch to end."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FirstToken(LogitsProcessor):
+        def __init__(self):
+            self.at = None
+
+        def __call__(self, input_ids, scores):
+            if self.at is None:
+                self.at = time.perf_counter()
+            return scores
+
+    per_row = bytes_per_token * (args.prompt + args.output + 1)
+    rows = rows_that_fit(per_row, int(kv_gib * (1 << 30)), streams)
+    device = hf_model.lm_head.weight.device
+    rng = np.random.default_rng(streams)
+    generated, first, waves, t0 = 0, [], 0, time.perf_counter()
+    while waves * rows < streams and time.perf_counter() - t0 < args.seconds:
+        n = min(rows, streams - waves * rows)
+        ids = torch.tensor(rng.integers(0, 500, size=(n, args.prompt)), device=device)
+        marker = FirstToken()
+        start = time.perf_counter()
+        out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.6,
+                                top_p=0.95, max_new_tokens=args.output, min_new_tokens=args.output,
+                                max_time=max(1.0, args.seconds - (start - t0)), logits_processor=LogitsProcessorList([marker]),
+                                pad_token_id=0)
+        generated += n * (out.shape[1] - args.prompt)
+        first += [marker.at - t0] * n
+        waves += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    elapsed = time.perf_counter() - t0
+    ttft = np.array(first)
+    return dict(method="transformers", streams=streams, kv_gib=kv_gib, rows=rows, capacity=args.prompt + args.output + 1,
+                seconds=round(elapsed, 1), generated=int(generated), aggregate_tok_s=round(generated / elapsed, 1),
+                per_stream_tok_s=round(generated / len(first) / elapsed, 1) if first else None,
+                ttft_p50_s=round(float(np.quantile(ttft, 0.5)), 3) if ttft.size else None,
+                ttft_p95_s=round(float(np.quantile(ttft, 0.95)), 3) if ttft.size else None,
+                streams_started=len(first))
+
+
 def single_stream(engine: ShapeEngine, method: str, args) -> dict:
     """One stream through Session.generate (the loop `triattn run` uses) with the default sampling, beside the
     decode-step rate `triattn bench` measures for the same shape, budget and mean length (CUDA only)."""
@@ -251,7 +296,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--streams", default="1,8,32,64")
     ap.add_argument("--kv-memory", default="40,24", help="GiB caps for the batched KV cache, comma-separated")
-    ap.add_argument("--methods", default="triattention,full")
+    ap.add_argument("--methods", default="triattention,full",
+                    help="triattention, full (both continuously batched as the server does) and transformers "
+                         "(static batches through transformers' generate, run last on its own copy of the weights)")
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--output", type=int, default=8192)
     ap.add_argument("--budget", type=int, default=2048)
@@ -281,10 +328,26 @@ def main() -> None:
                 line["steps_per_s"] = round(step_rate(engine, capacity, line["length"], args.device), 1)
                 print(json.dumps(line), flush=True)
                 out and print(json.dumps(line), file=out, flush=True)
+        methods = args.methods.split(",")
         for kv_gib in [float(x) for x in args.kv_memory.split(",")]:
             for streams in [int(x) for x in args.streams.split(",")]:
-                for method in args.methods.split(","):
+                for method in [m for m in methods if m != "transformers"]:
                     line = run_config(engine, method, streams, kv_gib, args, timer)
+                    line["shape"] = args.shape
+                    print(json.dumps(line), flush=True)
+                    out and print(json.dumps(line), file=out, flush=True)
+        if "transformers" in methods:
+            from triattn_local.backends.torch.bench import random_model
+
+            bytes_per_token = engine.kv_bytes_per_token
+            del engine  # the static model's weights make room for transformers' own copy
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            hf_model = random_model(args.shape, args.device,
+                                    torch.bfloat16 if args.device == "cuda" else torch.float32)
+            for kv_gib in [float(x) for x in args.kv_memory.split(",")]:
+                for streams in [int(x) for x in args.streams.split(",")]:
+                    line = transformers_baseline(hf_model, bytes_per_token, streams, kv_gib, args)
                     line["shape"] = args.shape
                     print(json.dumps(line), flush=True)
                     out and print(json.dumps(line), file=out, flush=True)

@@ -234,7 +234,8 @@ def test_the_serving_benchmark_runs_and_reports_every_configuration(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_batching.py"
     subprocess.run([sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--streams", "4",
                     "--kv-memory", "0.0003", "--prompt", "60", "--output", "300", "--budget", "40",
-                    "--divide-length", "16", "--window", "8", "--seconds", "120", "--out", str(out)],
+                    "--divide-length", "16", "--window", "8", "--seconds", "120", "--out", str(out),
+                    "--methods", "triattention,full,transformers"],
                    check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = {line["method"]: line for line in map(json.loads, out.read_text().splitlines())}
     tri, full = lines["triattention"], lines["full"]
@@ -242,6 +243,9 @@ def test_the_serving_benchmark_runs_and_reports_every_configuration(tmp_path):
     assert tri["generated"] == full["generated"] == 4 * 300
     assert tri["rounds"] > 0 and full["rounds"] == 0
     assert tri["mean_lanes"] > full["mean_lanes"]
+    hf = lines["transformers"]  # static batches of what the cap holds at full KV: every stream, in waves
+    assert full["rows"] <= hf["rows"] < 4 and hf["generated"] == 4 * 300 and hf["streams_started"] == 4
+    assert hf["ttft_p95_s"] > hf["ttft_p50_s"]  # the streams of the second wave waited for the first
 
 
 def test_with_the_triton_kernels_each_sequence_still_decodes_as_alone(engine, monkeypatch):
