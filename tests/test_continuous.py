@@ -102,6 +102,17 @@ def test_each_sequence_decodes_as_it_would_alone(engine, mode):
     assert batch.rows.in_use() == 0  # every row freed
 
 
+def test_full_attention_batches_only_where_two_whole_contexts_fit(engine):
+    from triattn_local.backends.torch.row_batch import row_bytes
+
+    per_row = row_bytes(engine.static_model(), engine.context_length)
+    assert ContinuousBatch.create(engine, settings(engine, "full"), rows=8, kv_memory=3 * per_row - 1) is None
+    batch = ContinuousBatch.create(engine, settings(engine, "full"), rows=8, kv_memory=3 * per_row)
+    assert batch.capacity == 2 and batch.rows.capacity == engine.context_length
+    tri = ContinuousBatch.create(engine, settings(engine), rows=8, kv_memory=3 * per_row - 1)
+    assert tri.capacity == 8  # B + N slots a row: the same memory holds every row asked for
+
+
 def test_rows_bound_the_batch_and_are_reused(engine):
     batch = ContinuousBatch.create(engine, settings(engine), rows=2)
     params = SamplingParams(max_tokens=3, temperature=0.0)

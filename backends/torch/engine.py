@@ -219,6 +219,8 @@ class TorchEngine(Engine):
         per_row = row_bytes(model, capacity)
         if kv_memory is None and self.device == "cuda":
             kv_memory = int(torch.cuda.mem_get_info()[0] * 0.85) - reserve
+        if not compression.enabled and kv_memory is not None and kv_memory < 3 * per_row:
+            return None  # not two whole contexts and the scratch row: requests grow their own caches in turn instead
         fit = rows if kv_memory is None else rows_that_fit(per_row, kv_memory - per_row, rows)  # + the scratch row
         return RowBatch(model, fit, capacity)
 
