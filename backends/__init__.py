@@ -36,6 +36,41 @@ def choose_backend(requested: str = "auto") -> tuple[str, str]:
     raise UserError("no backend is installed: pip install 'triattn-local[torch]' (or [mlx] on a Mac)")
 
 
+def llamacpp_runs(compress: bool, method: str, pruning_mode: str, dtype: str) -> bool:
+    """Whether llama.cpp runs these settings as asked: full attention, or TriAttention where the pruning mode is
+    left to the backend (auto: global there, its one mode) or is global; the KV type is llama.cpp's own."""
+    return dtype == "auto" and (not compress or (method == "triattention" and pruning_mode in ("auto", "global")))
+
+
+def cpu_gguf_build(model: str):
+    """The GGUF build of `model` that `--backend auto` runs on llama.cpp, or None: only where llama-cpp-python is
+    installed, torch would run on the CPU (llama.cpp decodes small models several times faster there), and a GGUF
+    of the model is at hand (the demo ships one beside its weights; a pulled GGUF build)."""
+    from ..registry import resolve_model
+    from .llamacpp import gguf_file
+
+    if apple_silicon() or not installed("llamacpp") or torch_gpu_usable():
+        return None
+    try:
+        path = resolve_model(model, backend="llamacpp")
+        return path if gguf_file(path) is not None else None
+    except UserError:
+        return None
+
+
+def torch_gpu_usable() -> bool:
+    """Whether torch would run on a GPU here; without a GPU device node, answered without importing torch."""
+    import os
+
+    if not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
+        return False
+    if not installed("torch"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def apple_silicon() -> bool:
     import platform
     import sys
@@ -43,11 +78,22 @@ def apple_silicon() -> bool:
     return sys.platform == "darwin" and platform.machine() == "arm64"
 
 
-def load_engine(model: str, backend: str = "auto", device: str = "auto", dtype: str = "auto"):
-    """Load a model (alias or directory) with the chosen backend; heavy libraries are imported only here."""
+def load_engine(model: str, backend: str = "auto", device: str = "auto", dtype: str = "auto",
+                llamacpp_ok: bool = False):
+    """Load a model (alias or directory) with the chosen backend; heavy libraries are imported only here.
+    llamacpp_ok: the caller's settings are ones llama.cpp runs (TriAttention in global or auto pruning mode, or full
+    attention), so auto may pick it on a machine without a GPU where the model has a GGUF build (cpu_gguf_build)."""
     from ..registry import resolve_model
 
     name, _ = choose_backend(backend)
+    if backend == "auto" and llamacpp_ok and name == "torch" and device in ("auto", "cpu"):
+        gguf = cpu_gguf_build(model)
+        if gguf is not None:
+            from .llamacpp.engine import LlamaCppEngine
+
+            engine = LlamaCppEngine(str(gguf), device=device, dtype=dtype)
+            engine.model_id = model
+            return engine
     try:
         path = resolve_model(model, backend=name)  # a pulled name resolves to this backend's build
     except UserError:

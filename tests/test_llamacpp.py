@@ -270,3 +270,39 @@ def test_run_command_on_a_gguf(demo_gguf):
     per_head = cmd[:-8] + ["--pruning-mode", "per_head"]
     r = subprocess.run(per_head, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pruning-mode global" in r.stderr
+
+
+def test_the_shipped_demo_gguf_is_what_triattn_convert_makes_of_the_demo(tmp_path):
+    """The demo ships its GGUF (what `--backend auto` runs on a CPU): byte for byte `triattn convert demo`, so it
+    cannot drift from the weights beside it."""
+    out = convert("demo", tmp_path / "gguf", outtype="auto")
+    assert (out / "model.gguf").read_bytes() == (DEMO / "model.gguf").read_bytes()
+
+
+def test_auto_runs_the_demo_on_llama_cpp_without_a_gpu_unless_the_settings_need_torch(monkeypatch):
+    import triattn_local.backends as backends
+    from triattn_local.backends import llamacpp_runs
+
+    assert llamacpp_runs(True, "triattention", "auto", "auto") and llamacpp_runs(False, "snapkv", "per_head", "auto")
+    assert llamacpp_runs(True, "triattention", "global", "auto")
+    assert not llamacpp_runs(True, "triattention", "per_head", "auto")  # the reference's per_head: torch
+    assert not llamacpp_runs(True, "snapkv", "auto", "auto")  # the baselines run on transformers
+    assert not llamacpp_runs(True, "triattention", "auto", "float32")  # a KV dtype llama.cpp does not take
+    monkeypatch.setattr(backends, "torch_gpu_usable", lambda: False)
+    assert load_engine("demo", llamacpp_ok=True).backend == "llamacpp"
+    assert load_engine("demo", llamacpp_ok=False).backend == "torch"
+    assert load_engine("demo", backend="torch", llamacpp_ok=True).backend == "torch"
+    assert load_engine("demo", device="cpu", llamacpp_ok=True).backend == "llamacpp"
+    monkeypatch.setattr(backends, "torch_gpu_usable", lambda: True)  # a GPU: torch, and its static path
+    assert load_engine("demo", llamacpp_ok=True).backend == "torch"
+
+
+@pytest.mark.parametrize("extra, backend", [([], "llamacpp"), (["--pruning-mode", "per_head"], "torch")])
+def test_triattn_run_demo_says_which_backend_auto_picked(extra, backend):
+    problem = make_problem(random.Random(5), steps=20)
+    r = subprocess.run([sys.executable, "-m", "triattn_local.cli", "run", "demo", "--temperature", "0", "--budget", "256",
+                        "--divide-length", "32", "--window", "32", *extra], input=problem.prompt, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    summary = r.stderr.strip().splitlines()[-1]
+    assert f"tok/s ({backend})" in summary and " 0 compression rounds" not in summary and r.stdout.strip()

@@ -443,7 +443,7 @@ def doctor():
     from rich.console import Console
     from rich.table import Table
 
-    from .backends import BACKENDS, IMPLEMENTED, choose_backend, installed
+    from .backends import BACKENDS, IMPLEMENTED, choose_backend, installed, torch_gpu_usable
     from .doctor import PRUNING_MODES_BY_BACKEND, hardware, package_versions
     from .errors import UserError
 
@@ -466,6 +466,10 @@ def doctor():
     try:
         chosen, why = choose_backend("auto")
         console.print(f"--backend auto picks [bold]{chosen}[/bold]: {why}")
+        if chosen == "torch" and installed("llamacpp") and not torch_gpu_usable():
+            console.print("  except for `run`, `chat` and `serve` of a model with a GGUF build (the demo ships one): "
+                          "[bold]llamacpp[/bold], several times faster on a CPU, when the settings are ones it runs "
+                          "(TriAttention in global mode, its only one, or full attention); --backend torch for the rest")
     except UserError as e:
         console.print(f"--backend auto: {e}")
 

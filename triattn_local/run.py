@@ -100,10 +100,11 @@ def run_command(model, prompt, no_compress, method, budget, divide_length, windo
         checks.output_file(kv_trace, "KV trace")
     text = read_prompt(prompt)
 
-    from .backends import load_engine
+    from .backends import llamacpp_runs, load_engine
     from .stats_cache import resolve_stats
 
-    engine = load_engine(model, backend=backend, device=device, dtype=dtype)
+    engine = load_engine(model, backend=backend, device=device, dtype=dtype,
+                         llamacpp_ok=llamacpp_runs(policy is not None, method, pruning_mode, dtype))
     needs_stats = policy is not None and method == "triattention"
     settings = CompressionSettings(policy=policy, stats=resolve_stats(engine, stats) if needs_stats else None,
                                    method=method)
@@ -130,7 +131,7 @@ def run_command(model, prompt, no_compress, method, budget, divide_length, windo
     m = done.metrics
     saved = f" (full: {human_bytes(m.kv_bytes_full)})" if policy else ""
     print(
-        f"[{done.generated_tokens} tokens · {done.decode_tokens_per_second:.1f} tok/s · "
+        f"[{done.generated_tokens} tokens · {done.decode_tokens_per_second:.1f} tok/s ({engine.backend}) · "
         f"peak KV {m.peak_retained_tokens} tokens · KV {human_bytes(m.kv_bytes)}{saved} · "
         f"{m.rounds} compression rounds · {done.finish_reason}]",
         file=sys.stderr,

@@ -41,10 +41,12 @@ def check_model(model: str, backend: str) -> None:
 
 def load_chat_session(config: ChatConfig, notify: Callable[[str], None] = lambda _: None) -> "ChatSession":
     """Load config.model with its backend (slow: run it off the UI thread)."""
-    from ..backends import load_engine
+    from ..backends import llamacpp_runs, load_engine
 
     notify(f"loading {config.model}…")
-    engine = load_engine(config.model, backend=config.backend, device=config.device, dtype=config.dtype)
+    engine = load_engine(config.model, backend=config.backend, device=config.device, dtype=config.dtype,
+                         llamacpp_ok=llamacpp_runs(config.budget is not None, config.method, config.pruning_mode,
+                                                   config.dtype))
     return ChatSession(engine, config, load_stats(engine, config, notify))
 
 

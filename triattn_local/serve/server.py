@@ -80,20 +80,22 @@ def serve_command(model, host, port, api_key, served_model_name, no_compress, me
 
     def load():
         try:
-            from ..backends import load_engine
+            from ..backends import llamacpp_runs, load_engine
             from ..engine import CompressionSettings
             from ..stats_cache import resolve_stats
 
             if engine_factory is not None:
                 engine = engine_factory()
             else:
-                engine = load_engine(model, backend=backend, device=device, dtype=dtype)
+                engine = load_engine(model, backend=backend, device=device, dtype=dtype,
+                                     llamacpp_ok=llamacpp_runs(policy is not None, method, pruning_mode, dtype))
             needs_stats = policy is not None and method == "triattention"
             settings = CompressionSettings(policy=policy, method=method,
                                            stats=resolve_stats(engine, stats) if needs_stats else None)
             state.attach(engine, settings)
             kv = f"KV budget {policy.budget} tokens ({method})" if policy else "full attention (no compression)"
-            print(f"triattn serve: {options.served_name} ready at {url} · context {engine.context_length} · {kv}",
+            print(f"triattn serve: {options.served_name} ready at {url} · {engine.backend} · context "
+                  f"{engine.context_length} · {kv}",
                   file=sys.stderr, flush=True)
         except BaseException as e:  # reported by the main thread, which stops the server
             failure.append(e)
