@@ -125,8 +125,8 @@ class _Nucleus:
             self.ids = None
         self.p = p
         scaled = top - log_p
+        np.minimum(scaled, LAST_BIN / BINS_PER_NAT, out=scaled)  # clipped first: a tiny temperature would overflow
         scaled *= BINS_PER_NAT
-        np.minimum(scaled, LAST_BIN, out=scaled)
         bins = scaled.astype(np.int32)  # 0: the most likely
         cumulative = np.cumsum(np.bincount(bins, weights=p, minlength=LAST_BIN + 1))
         edge = min(int(np.searchsorted(cumulative, top_p)), LAST_BIN)
