@@ -20,9 +20,10 @@ from .engine import (CompressionSettings, Engine, KVMetrics, StreamingDetokenize
                      kv_metrics)
 from .errors import UserError
 from .methods import make_scorer
+from .policy import PREFILL_TOKENS
 from .sampling import Sampler, SamplingParams
 
-FULL_ATTENTION_CHUNK = 512  # prompt tokens per forward without compression (as Session)
+FULL_ATTENTION_CHUNK = PREFILL_TOKENS  # prompt tokens per forward without compression (as Session)
 
 
 @dataclass

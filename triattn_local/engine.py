@@ -21,7 +21,7 @@ import numpy as np
 
 from .compression import CompressionState, RoundRecord
 from .methods import DEFAULT_METHOD, DEFAULT_OBS_WINDOW, KeyScorer, check_method, make_scorer
-from .policy import AUTO, PRUNING_MODES, BudgetPolicy
+from .policy import AUTO, PREFILL_TOKENS, PRUNING_MODES, BudgetPolicy
 from .rope import ModelShape
 from .sampling import Sampler, SamplingParams
 from .scorer import DEFAULT_MAX_OFFSET
@@ -347,7 +347,7 @@ class Session:
             if self.state is not None:
                 n = self.compression.policy.prefill_chunk(self.state.retained)
             else:
-                n = 512  # bounds activation memory of a long prompt
+                n = PREFILL_TOKENS  # bounds activation memory of a long prompt
             if pending:
                 n = min(n, pending[0] - self.logical)
             chunk = token_ids[i:i + n]

@@ -29,6 +29,7 @@ from .errors import UserError
 
 PRUNING_MODES = ("per_layer_head", "per_head", "global")
 AUTO = "auto"  # the backend's preferred mode (per_head; global on llama.cpp), resolved when a Session starts
+PREFILL_TOKENS = 512  # prompt tokens per forward at most (bounds activation memory), with or without compression
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,11 @@ class BudgetPolicy:
         return cache_len >= self.capacity
 
     def prefill_chunk(self, cache_len: int) -> int:
-        """How many prompt tokens to append now so that the cache never exceeds B + N (at most N)."""
-        return max(1, min(self.divide_length, self.capacity - cache_len))
+        """How many prompt tokens to append now: as many as the cache holds before its next round (it never exceeds
+        B + N, and the rounds fall where token-by-token feeding puts them: when the cache reaches B + N), at most
+        PREFILL_TOKENS. Before the first round that is up to B + N tokens, so a prompt shorter than the budget is
+        a few forwards, not one per N tokens (which made a server's prefill several times slower than full KV's)."""
+        return max(1, min(PREFILL_TOKENS, self.capacity - cache_len))
 
     def protects_prompt(self, prompt_len: int) -> bool:
         """Prompt protection holds only while the prompt and the window fit in the budget; else warn and score it."""
