@@ -158,23 +158,28 @@ def test_mlx_greedy_suppress_and_seeds():
 
 
 def test_drawing_for_many_sequences_gives_each_its_own_tokens_in_one_transfer():
-    """A batched decode step draws every sequence's token on the device and copies the ids at once: each sequence
-    gets what its own sampler (its seed, temperature, top-p) gives it alone, greedy and host samplers included."""
+    """A batched decode step draws every sequence's token in one pass per sampling setting and copies the ids at
+    once: each sequence gets what its own sampler (its seed, temperature, top-p) gives it alone, greedy included."""
     import torch
 
-    from triattn_local.sampling import gather_ids
+    from triattn_local.sampling import draw_many
 
     rng = np.random.default_rng(7)
-    logits = torch.tensor(rng.normal(size=(4, 3000)) * 3, dtype=torch.float32)
+    logits = torch.tensor(rng.normal(size=(5, 3000)) * 3, dtype=torch.float32)
     params = [SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, seed=1),
               SamplingParams(max_tokens=9, temperature=0.0),
               SamplingParams(max_tokens=9, temperature=1.2, top_p=1.0, seed=2),
-              SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, seed=3)]
+              SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, seed=3),
+              SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, seed=1, suppress=(5,))]
     batched, alone = [Sampler(p) for p in params], [Sampler(p) for p in params]
-    for step in range(6):
-        drawn = [s.draw(logits[i] if i != 2 else logits[i].numpy()) for i, s in enumerate(batched)]
-        assert isinstance(drawn[2], int) and isinstance(drawn[0], torch.Tensor)
-        ids = gather_ids(drawn)
-        assert ids == [s(logits[i] if i != 2 else logits[i].numpy()) for i, s in enumerate(alone)]
+    rows = []
+    for step in range(30):
+        ids = draw_many(batched, logits)
+        assert ids == [s(logits[i]) for i, s in enumerate(alone)]
         assert ids[1] == int(logits[1].argmax())
-    assert len({tuple(gather_ids([Sampler(params[0]).draw(logits[0])])) for _ in range(3)}) == 1
+        rows.append(ids)
+    first, fourth = [r[0] for r in rows], [r[3] for r in rows]
+    assert first != fourth  # same logits and settings, seeds 1 and 3: each row draws with its own uniforms
+    assert draw_many([Sampler(params[0])], logits[:1]) == draw_many([Sampler(params[0])], logits[:1])
+    host = draw_many([Sampler(p) for p in params], logits.numpy())  # host logits: the host sampler, one by one
+    assert host == [Sampler(p)(logits[i].numpy()) for i, p in enumerate(params)]

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from .engine import (PREFILL_CHUNK, CompressionSettings, DoneEvent, Engine, Event, KVEvent, Session, TokenStream,
                      keep_logits_on_device)
-from .sampling import SamplingParams, gather_ids
+from .sampling import SamplingParams, draw_many
 
 
 class BatchedSequence:
@@ -123,7 +123,7 @@ class ContinuousBatch:
         self.in_flight = None
         live = [(i, s) for i, s in enumerate(flight) if s.decoding and not s.done]  # not cancelled meanwhile
         out: dict[BatchedSequence, list[Event]] = {s: list(s.session.appended(1)) for _, s in live}  # rounds
-        ids = gather_ids([s.stream.sampler.draw(logits[i]) for i, s in live])  # one transfer
+        ids = draw_many([s.stream.sampler for _, s in live], logits[[i for i, _ in live]])  # one transfer
         going = [(s, t) for (_, s), t in zip(live, ids)
                  if t not in s.stream.eos and len(s.stream.tokens) + 1 < s.stream.params.max_tokens]
         flying = {s for _, s in live}

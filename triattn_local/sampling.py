@@ -59,16 +59,22 @@ class Sampler:
         return sample_nucleus(p, self.params.top_p, z, self.rng)
 
     def draw(self, logits):
-        """As __call__, except that for torch logits on their device the token id stays there (a 0-d tensor): a
-        caller drawing for many sequences copies all their ids to the host at once (gather_ids)."""
+        """As __call__, except that for torch logits on their device the token id stays there (a 0-d tensor);
+        draw_many draws for many sequences at once."""
         if isinstance(logits, np.ndarray) or type(logits).__module__.startswith("mlx"):
             return self(logits)
         import torch
 
+        return sample_on_device(logits, self.params, uniforms=self.uniform(logits.device))
+
+    def uniform(self, device):
+        """This sequence's next uniform draw in [0, 1), a 0-d tensor on `device` (its own seeded generator there)."""
+        import torch
+
         if self._torch_generator is None:
-            self._torch_generator = torch.Generator(device=logits.device)
+            self._torch_generator = torch.Generator(device=device)
             self._torch_generator.manual_seed(self._device_seed())
-        return sample_on_device(logits, self.params, self._torch_generator)
+        return torch.rand((), generator=self._torch_generator, device=device)
 
     def _device_seed(self) -> int:
         return self.params.seed if self.params.seed is not None else int(self.rng.integers(2**63 - 1))
@@ -84,17 +90,28 @@ class Sampler:
         return int(self.draw(logits))
 
 
-def gather_ids(drawn: list) -> list[int]:
-    """Token ids from Sampler.draw for many sequences: ints as they are, device tensors in one transfer."""
-    on_device = [i for i, d in enumerate(drawn) if not isinstance(d, int)]
-    if not on_device:
-        return list(drawn)
+def draw_many(samplers: list[Sampler], logits) -> list[int]:
+    """One token for each of many sequences from their logits [n, vocab] (a batched decode step), each as its own
+    sampler draws it alone (Sampler.draw): on a GPU, the sequences that share temperature, top-p and suppressed
+    tokens are sampled in one batched pass over their rows, with each sequence's own uniform, and every id comes to
+    the host in one transfer; elsewhere, one by one."""
+    if isinstance(logits, np.ndarray) or type(logits).__module__.startswith("mlx"):
+        return [s(logits[i]) for i, s in enumerate(samplers)]
     import torch
 
-    ids = list(drawn)
-    for i, value in zip(on_device, torch.stack([drawn[i] for i in on_device]).tolist()):
-        ids[i] = int(value)
-    return ids
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samplers):
+        p = s.params
+        groups.setdefault((p.temperature, p.top_p, tuple(p.suppress)), []).append(i)
+    ids = torch.empty(len(samplers), dtype=torch.long, device=logits.device)
+    for rows in groups.values():
+        params = samplers[rows[0]].params
+        index = torch.tensor(rows, device=logits.device)
+        uniforms = None
+        if params.temperature > 0:
+            uniforms = torch.stack([samplers[i].uniform(logits.device) for i in rows])
+        ids[index] = sample_on_device(logits[index], params, uniforms=uniforms)
+    return [int(t) for t in ids.tolist()]
 
 
 BINS_PER_NAT = 16  # log-probability bins of 1/16 nat; a bin of a flat 152k vocabulary holds ~2k tokens
@@ -169,9 +186,10 @@ def sample_nucleus(p: np.ndarray, top_p: float, log_p: np.ndarray, rng: np.rando
     return parts.token(int(parts.edge[draw_index(edge_p, rng, (u - parts.before) / (total - parts.before))]))
 
 
-def sample_on_device(logits, params: SamplingParams, generator):
+def sample_on_device(logits, params: SamplingParams, generator=None, uniforms=None):
     """The same sampling on a torch tensor logits [vocab] (or [B, vocab]), on its device: returns token ids as a
-    tensor ([] or [B]); the caller's int() or .tolist() is the one transfer to the host."""
+    tensor ([] or [B]); the caller's int() or .tolist() is the one transfer to the host. Each row's token is drawn
+    by inversion with one uniform: `uniforms` ([] or [B]), else drawn from `generator`."""
     import torch
 
     x = logits.float()
@@ -180,16 +198,24 @@ def sample_on_device(logits, params: SamplingParams, generator):
         x[..., list(params.suppress)] = float("-inf")
     if params.temperature == 0:
         return x.argmax(dim=-1)
+    if uniforms is None:
+        uniforms = torch.rand(x.shape[:-1], generator=generator, device=x.device)
     probs = torch.softmax(x / params.temperature, dim=-1, dtype=torch.float64 if x.device.type == "cpu" else None)
+    order = None
     if params.top_p < 1:
         # Sort by probability, ties to the lower id (a stable sort of the ids), keep the smallest prefix reaching
         # top_p: a token is kept when the mass before it is still below top_p.
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs = torch.where(before < params.top_p, sorted_probs, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        before = torch.cumsum(probs, dim=-1) - probs
+        probs = torch.where(before < params.top_p, probs, 0.0)
+    cumulative = torch.cumsum(probs, dim=-1)
+    target = (uniforms.to(cumulative.dtype) * cumulative[..., -1]).unsqueeze(-1)
+    choice = torch.searchsorted(cumulative, target, right=True)  # the first token whose cumulative mass exceeds it
+    last = (probs > 0).to(torch.long).cumsum(-1).argmax(-1, keepdim=True)  # the last token with any mass
+    choice = torch.minimum(choice, last)  # u·total rounded up onto the very end
+    if order is not None:
+        choice = order.gather(-1, choice)
+    return choice.squeeze(-1)
 
 
 def sample_on_mlx(logits, params: SamplingParams, key):
