@@ -66,3 +66,43 @@ def test_concurrent_streaming_clients(server):
     print(f"\nload: {len(finished)} streamed requests in {elapsed:.1f} s; RSS after the first quarter "
           f"{warm / 2**20:.0f} MiB, in the last quarter at most {late / 2**20:.0f} MiB")
     assert late - warm < 40 * 2**20, (warm, late)
+
+
+def test_a_request_holds_its_place_while_its_session_starts():
+    """The worker takes a waiting request and then builds its session (a llama.cpp context takes a while): in
+    between, the request must still count, or one more than --parallel + --max-waiting gets in (seen with the demo
+    on llama.cpp, where the 429 test got a 200)."""
+    import asyncio
+
+    from triattn_local.backends import load_engine
+    from triattn_local.engine import CompressionSettings
+    from triattn_local.sampling import SamplingParams
+    from triattn_local.serve.conversations import SnapshotStore
+    from triattn_local.serve.scheduler import Job, Scheduler
+
+    engine = load_engine("demo", backend="torch", device="cpu")
+    starting, release = threading.Event(), threading.Event()
+    session = engine.session
+
+    def slow_session(*args, **kwargs):
+        starting.set()
+        release.wait(60)
+        return session(*args, **kwargs)
+
+    engine.session = slow_session
+    loop = asyncio.new_event_loop()
+    scheduler = Scheduler(engine, CompressionSettings(policy=None), SnapshotStore(0, 0), parallel=1, max_waiting=1)
+    scheduler.start()
+    try:
+        jobs = [Job([5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0), False, loop) for _ in range(3)]
+        for job in jobs[:2]:
+            assert scheduler.admit(job)
+            scheduler.submit(job)
+        assert starting.wait(30)  # the first is being started: one running, one waiting
+        assert not scheduler.admit(jobs[2])
+        assert scheduler.counts() == (1, 1)
+    finally:
+        release.set()
+        scheduler.stop()
+        scheduler.thread.join(timeout=60)
+        loop.close()

@@ -159,17 +159,16 @@ class Scheduler:
                 if not self.waiting or len(self.active) >= self.parallel:
                     break
                 job = self.waiting.popleft()
-            if job.cancelled.is_set():
-                continue
+                if job.cancelled.is_set():
+                    continue
+                self.active.append(job)  # counted while it starts (a llama.cpp context takes a while): never free
             try:
                 self._start(job)
             except Exception as e:  # a bug, not bad input (inputs were validated): tell this client only
                 log.exception("cannot start a request")
+                self._remove(job)
                 job.session = None
                 job.post(Failed(f"cannot start generation: {type(e).__name__}"))
-                continue
-            with self._lock:
-                self.active.append(job)
         return True
 
     def _start(self, job: Job) -> None:
