@@ -86,20 +86,18 @@ def load_engine(model: str, backend: str = "auto", device: str = "auto", dtype: 
     from ..registry import resolve_model
 
     name, _ = choose_backend(backend)
+    gguf = None
     if backend == "auto" and llamacpp_ok and name == "torch" and device in ("auto", "cpu"):
         gguf = cpu_gguf_build(model)
-        if gguf is not None:
-            from .llamacpp.engine import LlamaCppEngine
-
-            engine = LlamaCppEngine(str(gguf), device=device, dtype=dtype)
-            engine.model_id = model
-            return engine
-    try:
-        path = resolve_model(model, backend=name)  # a pulled name resolves to this backend's build
-    except UserError:
-        if backend != "auto":
-            raise
-        name, path = _pulled_for_another_backend(model, name)  # e.g. only its GGUF build was pulled
+    if gguf is not None:
+        name, path = "llamacpp", gguf
+    else:
+        try:
+            path = resolve_model(model, backend=name)  # a pulled name resolves to this backend's build
+        except UserError:
+            if backend != "auto":
+                raise
+            name, path = _pulled_for_another_backend(model, name)  # e.g. only its GGUF build was pulled
     if backend == "auto" and name != "llamacpp":
         from .llamacpp import is_gguf_model
 

@@ -315,27 +315,30 @@ def main() -> None:
     engine = ShapeEngine(args.shape, args.device)
     timer = RoundTimer(args.device)
     out = open(args.out, "a") if args.out else None  # noqa: SIM115 - closed below
+
+    def emit(line: dict) -> None:
+        print(json.dumps(line), flush=True)
+        if out:
+            print(json.dumps(line), file=out, flush=True)
+
+    caps = [float(x) for x in args.kv_memory.split(",")]
+    stream_counts = [int(x) for x in args.streams.split(",")]
+    methods = args.methods.split(",")
+    ours = [m for m in methods if m != "transformers"]  # served by our continuous batching
     try:
-        for method in args.methods.split(",") if args.single else []:
-            line = single_stream(engine, method, args)
-            print(json.dumps(line), flush=True)
-            out and print(json.dumps(line), file=out, flush=True)
+        for method in ours if args.single else []:
+            emit(single_stream(engine, method, args))
         if args.step_rate:
             for method, capacity in (("triattention", args.budget + args.divide_length),
                                      ("full", args.prompt + args.output + 1)):
                 line = dict(kind="step_rate", method=method, length=min(capacity - 1, args.prompt + args.output // 2),
                             device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
                 line["steps_per_s"] = round(step_rate(engine, capacity, line["length"], args.device), 1)
-                print(json.dumps(line), flush=True)
-                out and print(json.dumps(line), file=out, flush=True)
-        methods = args.methods.split(",")
-        for kv_gib in [float(x) for x in args.kv_memory.split(",")]:
-            for streams in [int(x) for x in args.streams.split(",")]:
-                for method in [m for m in methods if m != "transformers"]:
-                    line = run_config(engine, method, streams, kv_gib, args, timer)
-                    line["shape"] = args.shape
-                    print(json.dumps(line), flush=True)
-                    out and print(json.dumps(line), file=out, flush=True)
+                emit(line)
+        for kv_gib in caps:
+            for streams in stream_counts:
+                for method in ours:
+                    emit(dict(run_config(engine, method, streams, kv_gib, args, timer), shape=args.shape))
         if "transformers" in methods:
             from triattn_local.backends.torch.bench import random_model
 
@@ -345,12 +348,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
             hf_model = random_model(args.shape, args.device,
                                     torch.bfloat16 if args.device == "cuda" else torch.float32)
-            for kv_gib in [float(x) for x in args.kv_memory.split(",")]:
-                for streams in [int(x) for x in args.streams.split(",")]:
-                    line = transformers_baseline(hf_model, bytes_per_token, streams, kv_gib, args)
-                    line["shape"] = args.shape
-                    print(json.dumps(line), flush=True)
-                    out and print(json.dumps(line), file=out, flush=True)
+            for kv_gib in caps:
+                for streams in stream_counts:
+                    emit(dict(transformers_baseline(hf_model, bytes_per_token, streams, kv_gib, args), shape=args.shape))
     finally:
         if out:
             out.close()

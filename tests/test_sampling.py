@@ -174,12 +174,14 @@ def test_drawing_for_many_sequences_gives_each_its_own_tokens_in_one_transfer():
     batched, alone = [Sampler(p) for p in params], [Sampler(p) for p in params]
     rows = []
     for step in range(30):
-        ids = draw_many(batched, logits)
+        ids = draw_many(batched, logits, range(5))
         assert ids == [s(logits[i]) for i, s in enumerate(alone)]
         assert ids[1] == int(logits[1].argmax())
         rows.append(ids)
     first, fourth = [r[0] for r in rows], [r[3] for r in rows]
     assert first != fourth  # same logits and settings, seeds 1 and 3: each row draws with its own uniforms
-    assert draw_many([Sampler(params[0])], logits[:1]) == draw_many([Sampler(params[0])], logits[:1])
-    host = draw_many([Sampler(p) for p in params], logits.numpy())  # host logits: the host sampler, one by one
+    assert draw_many([Sampler(params[0])], logits, [0]) == draw_many([Sampler(params[0])], logits, [0])
+    assert draw_many([Sampler(params[0]), Sampler(params[0])], logits, [3, 0]) == [
+        Sampler(params[0])(logits[3]), Sampler(params[0])(logits[0])]  # sampler i draws from its row
+    host = draw_many([Sampler(p) for p in params], logits.numpy(), range(5))  # host logits: the host sampler, one by one
     assert host == [Sampler(p)(logits[i].numpy()) for i, p in enumerate(params)]

@@ -23,8 +23,6 @@ from .methods import make_scorer
 from .policy import PREFILL_TOKENS
 from .sampling import Sampler, SamplingParams
 
-FULL_ATTENTION_CHUNK = PREFILL_TOKENS  # prompt tokens per forward without compression (as Session)
-
 
 @dataclass
 class BatchResult:
@@ -117,7 +115,7 @@ def generate_batch(engine: Engine, prompts: list[list[int]], settings: Compressi
         lead = active[0].state  # every row's state has the same slot count and positions count
         i, logits = 0, None
         while i < token_ids.shape[1]:
-            n = settings.policy.prefill_chunk(lead.retained) if lead is not None else FULL_ATTENTION_CHUNK
+            n = settings.policy.prefill_chunk(lead.retained) if lead is not None else PREFILL_TOKENS
             chunk = token_ids[:, i:i + n]
             logits = runner.forward(chunk, logical)
             logical += chunk.shape[1]

@@ -123,7 +123,7 @@ class ContinuousBatch:
         self.in_flight = None
         live = [(i, s) for i, s in enumerate(flight) if s.decoding and not s.done]  # not cancelled meanwhile
         out: dict[BatchedSequence, list[Event]] = {s: list(s.session.appended(1)) for _, s in live}  # rounds
-        ids = draw_many([s.stream.sampler for _, s in live], logits[[i for i, _ in live]])  # one transfer
+        ids = draw_many([s.stream.sampler for _, s in live], logits, [i for i, _ in live])  # one transfer
         going = [(s, t) for (_, s), t in zip(live, ids)
                  if t not in s.stream.eos and len(s.stream.tokens) + 1 < s.stream.params.max_tokens]
         flying = {s for _, s in live}

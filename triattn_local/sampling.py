@@ -58,15 +58,6 @@ class Sampler:
             return draw_index(p, self.rng)
         return sample_nucleus(p, self.params.top_p, z, self.rng)
 
-    def draw(self, logits):
-        """As __call__, except that for torch logits on their device the token id stays there (a 0-d tensor);
-        draw_many draws for many sequences at once."""
-        if isinstance(logits, np.ndarray) or type(logits).__module__.startswith("mlx"):
-            return self(logits)
-        import torch
-
-        return sample_on_device(logits, self.params, uniforms=self.uniform(logits.device))
-
     def uniform(self, device):
         """This sequence's next uniform draw in [0, 1), a 0-d tensor on `device` (its own seeded generator there)."""
         import torch
@@ -87,16 +78,16 @@ class Sampler:
                 self._mlx_key = mx.random.key(self._device_seed() % 2**63)
             self._mlx_key, key = mx.random.split(self._mlx_key)
             return int(sample_on_mlx(logits, self.params, key).item())
-        return int(self.draw(logits))
+        return int(sample_on_device(logits, self.params, uniforms=self.uniform(logits.device)))
 
 
-def draw_many(samplers: list[Sampler], logits) -> list[int]:
-    """One token for each of many sequences from their logits [n, vocab] (a batched decode step), each as its own
-    sampler draws it alone (Sampler.draw): on a GPU, the sequences that share temperature, top-p and suppressed
-    tokens are sampled in one batched pass over their rows, with each sequence's own uniform, and every id comes to
-    the host in one transfer; elsewhere, one by one."""
+def draw_many(samplers: list[Sampler], logits, rows: list[int]) -> list[int]:
+    """One token for each of many sequences of a batched decode step, sampler i drawing from logits[rows[i]] as it
+    would alone: on a GPU, the sequences that share temperature, top-p and suppressed tokens are sampled in one pass
+    over their rows, each with its own uniform, and every id comes to the host in one transfer; elsewhere, one by
+    one."""
     if isinstance(logits, np.ndarray) or type(logits).__module__.startswith("mlx"):
-        return [s(logits[i]) for i, s in enumerate(samplers)]
+        return [s(logits[r]) for s, r in zip(samplers, rows)]
     import torch
 
     groups: dict[tuple, list[int]] = {}
@@ -104,14 +95,15 @@ def draw_many(samplers: list[Sampler], logits) -> list[int]:
         p = s.params
         groups.setdefault((p.temperature, p.top_p, tuple(p.suppress)), []).append(i)
     ids = torch.empty(len(samplers), dtype=torch.long, device=logits.device)
-    for rows in groups.values():
-        params = samplers[rows[0]].params
-        index = torch.tensor(rows, device=logits.device)
+    for members in groups.values():
+        params = samplers[members[0]].params
         uniforms = None
         if params.temperature > 0:
-            uniforms = torch.stack([samplers[i].uniform(logits.device) for i in rows])
-        ids[index] = sample_on_device(logits[index], params, uniforms=uniforms)
-    return [int(t) for t in ids.tolist()]
+            uniforms = torch.stack([samplers[i].uniform(logits.device) for i in members])
+        picked = sample_on_device(logits[torch.tensor([rows[i] for i in members], device=logits.device)], params,
+                                  uniforms=uniforms)
+        ids[torch.tensor(members, device=logits.device)] = picked
+    return ids.tolist()
 
 
 BINS_PER_NAT = 16  # log-probability bins of 1/16 nat; a bin of a flat 152k vocabulary holds ~2k tokens
@@ -211,7 +203,7 @@ def sample_on_device(logits, params: SamplingParams, generator=None, uniforms=No
     cumulative = torch.cumsum(probs, dim=-1)
     target = (uniforms.to(cumulative.dtype) * cumulative[..., -1]).unsqueeze(-1)
     choice = torch.searchsorted(cumulative, target, right=True)  # the first token whose cumulative mass exceeds it
-    last = (probs > 0).to(torch.long).cumsum(-1).argmax(-1, keepdim=True)  # the last token with any mass
+    last = torch.searchsorted(cumulative, cumulative[..., -1:])  # where the total is reached: a token with mass
     choice = torch.minimum(choice, last)  # u·total rounded up onto the very end
     if order is not None:
         choice = order.gather(-1, choice)
