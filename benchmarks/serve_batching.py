@@ -13,7 +13,9 @@ memory cap holds), aggregate and per-stream tok/s, time to first token p50/p95 (
 share of decode time spent in compression rounds, and, with --probe, the first-token time of one more --prompt-token
 request arriving while the others decode. `--step-rate` also times the bare decode step at one stream, and
 `--single TOKENS` one stream end to end through Session.generate (what `triattn run` runs, default sampling) beside
-`triattn bench`'s step rate for the same settings. Prints a JSON line per configuration (and to --out if given).
+`triattn bench`'s step rate for the same settings, and `--round-profile` where a compression round's time goes
+(one stream's rounds timed, one more under torch.profiler). Prints a JSON line per configuration (and to --out if
+given).
 """
 
 from __future__ import annotations
@@ -96,11 +98,15 @@ class RoundTimer:
     def __init__(self, device: str):
         self.seconds, self.count = 0.0, 0
         self.active = False
+        self.profile_round: int | None = None  # the count at which one round runs under torch.profiler instead
+        self.profile_table = ""
         original = Session._compress
 
         def timed(session):
             if not self.active:
                 return original(session)
+            if self.profile_round == self.count + 1:
+                return self._profiled(original, session)
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -112,6 +118,46 @@ class RoundTimer:
             return out
 
         Session._compress = timed
+        self.device = device
+
+    def _profiled(self, original, session):
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            out = original(session)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+        self.profile_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+        self.profile_round = None
+        return out
+
+
+def round_profile(engine: ShapeEngine, args, timer: RoundTimer, rounds: int = 8) -> dict:
+    """Where a compression round's time goes: one stream (Session.generate, as `triattn run`) decodes through
+    `rounds` rounds, each timed (synchronised), and one more runs under torch.profiler, whose table is printed."""
+    policy = BudgetPolicy(args.budget, args.divide_length, args.window, 0)
+    settings = CompressionSettings(policy, stats=synthetic_stats(engine.shape))
+    prompt = [int(x) for x in np.random.default_rng(0).integers(0, 500, size=args.prompt)]
+    tokens = max(0, policy.capacity - args.prompt) + (rounds + 1) * args.divide_length + 1
+    params = SamplingParams(max_tokens=tokens, temperature=0.6, top_p=0.95, seed=1)
+    count0, seconds0 = timer.count, timer.seconds
+    timer.profile_round, timer.profile_table = count0 + rounds + 1, ""
+    timer.active = True
+    try:
+        for _ in engine.session(settings).generate(prompt, params):
+            if timer.profile_table:  # the profiled round was the last one wanted
+                break
+    finally:
+        timer.active = False
+        timer.profile_round = None
+    print(timer.profile_table, file=sys.stderr)
+    timed = timer.count - count0
+    return dict(kind="round_profile", rounds=timed, profiled=bool(timer.profile_table),
+                ms_per_round=round(1e3 * (timer.seconds - seconds0) / timed, 3) if timed else None,
+                capacity=policy.capacity, layers=engine.shape.num_layers)
 
 
 def run_config(engine: ShapeEngine, method: str, streams: int, kv_gib: float, args, timer: RoundTimer) -> dict:
@@ -310,6 +356,8 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=0, metavar="TOKENS",
                     help="also one stream end to end (Session.generate, default sampling) for TOKENS tokens, beside "
                          "`triattn bench`'s step rate")
+    ap.add_argument("--round-profile", action="store_true",
+                    help="also time the compression rounds of one stream and print one round's torch.profiler table")
     ap.add_argument("--out", help="append the JSON lines to this file")
     args = ap.parse_args()
     engine = ShapeEngine(args.shape, args.device)
@@ -328,6 +376,8 @@ def main() -> None:
     try:
         for method in ours if args.single else []:
             emit(single_stream(engine, method, args))
+        if args.round_profile:
+            emit(dict(round_profile(engine, args, timer), shape=args.shape))
         if args.step_rate:
             for method, capacity in (("triattention", args.budget + args.divide_length),
                                      ("full", args.prompt + args.output + 1)):

@@ -235,7 +235,8 @@ def test_a_cancelled_request_leaves_the_batch_and_frees_its_row(engine):
 
 def test_the_serving_benchmark_runs_and_reports_every_configuration(tmp_path):
     """benchmarks/serve_batching.py on a tiny shape on the CPU: the memory cap admits what it holds (full KV needs
-    more slots a stream, so fewer rows), every stream is served, rounds happen only with TriAttention."""
+    more slots a stream, so fewer rows), every stream is served, rounds happen only with TriAttention; the round
+    profile times its rounds and profiles one more."""
     import json
     import subprocess
     import sys
@@ -246,9 +247,12 @@ def test_the_serving_benchmark_runs_and_reports_every_configuration(tmp_path):
     subprocess.run([sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--streams", "4",
                     "--kv-memory", "0.0003", "--prompt", "60", "--output", "300", "--budget", "40",
                     "--divide-length", "16", "--window", "8", "--seconds", "120", "--out", str(out),
-                    "--methods", "triattention,full,transformers"],
+                    "--methods", "triattention,full,transformers", "--round-profile"],
                    check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    lines = {line["method"]: line for line in map(json.loads, out.read_text().splitlines())}
+    rows = list(map(json.loads, out.read_text().splitlines()))
+    profile = next(line for line in rows if line.get("kind") == "round_profile")
+    assert profile["rounds"] == 8 and profile["profiled"] and profile["ms_per_round"] > 0
+    lines = {line["method"]: line for line in rows if "method" in line}
     tri, full = lines["triattention"], lines["full"]
     assert tri["rows"] == 4 and full["rows"] < 4  # 56 vs 361 slots a stream under the same cap
     assert tri["generated"] == full["generated"] == 4 * 300
