@@ -23,6 +23,17 @@ def test_reference_responses_pass_the_checker(problems):
         assert ledger.MIN_PEOPLE <= len(p.facts) <= ledger.MAX_PEOPLE
 
 
+def test_filler_rate_sets_how_much_prose_surrounds_the_facts():
+    """Training's short warm-up problems: less filler, the same kind of problem (the checker passes its solution)."""
+    def filler_paragraphs(rate):
+        ps = [ledger.make_problem(random.Random(seed), trades=16, people=14, filler_rate=rate) for seed in range(30)]
+        assert all(ledger.check(p, p.response) == [] for p in ps)
+        return sum(" holds " not in line for p in ps for line in p.prose)
+
+    none, some, default = filler_paragraphs(0.0), filler_paragraphs(0.15), filler_paragraphs(0.6)
+    assert none == 0 < some < default
+
+
 def test_prompt_states_every_fact_and_trade(problems):
     p = problems[0]
     for person, value in p.facts:

@@ -86,8 +86,10 @@ def _zipf_pick(rng: random.Random, people: list[str], weights: list[float], avoi
             return p
 
 
-def make_problem(rng: random.Random, trades: int | None = None, people: int | None = None) -> Problem:
-    """A problem with `trades` trades among `people` people (random when None: log-uniform trades)."""
+def make_problem(rng: random.Random, trades: int | None = None, people: int | None = None,
+                 filler_rate: float = 0.6) -> Problem:
+    """A problem with `trades` trades among `people` people (random when None: log-uniform trades), a filler
+    paragraph after a fact line with probability `filler_rate` (training's short warm-up problems use less)."""
     n_people = people or rng.randint(MIN_PEOPLE, MAX_PEOPLE)
     n_trades = trades or round(math.exp(rng.uniform(math.log(MIN_TRADES), math.log(MAX_TRADES))))
     who = rng.sample(names(), n_people)
@@ -100,7 +102,7 @@ def make_problem(rng: random.Random, trades: int | None = None, people: int | No
         k = rng.choice((1, 1, 2))
         prose.append(" ".join(f"{p} holds {v} {item}." for p, v in facts[i:i + k]))
         i += k
-        if rng.random() < 0.6:
+        if rng.random() < filler_rate:
             prose.append(rng.choice(pool))
     weights = [1.0 / (rank + 1) for rank in range(n_people)]  # Zipf: who trades often is random per problem
     order = who[:]
