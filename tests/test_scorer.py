@@ -68,6 +68,18 @@ def test_scores_do_not_depend_on_pair_layout():
     np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_complex_pairs_round_trip_and_cast_as_astype(pairing):
+    """to/from complex pairs are inverses in both layouts, and writing as float32 rounds exactly as astype does (the
+    round's virtual queries are made that way)."""
+    x = np.random.default_rng(3).normal(size=(3, 4, 32))
+    z = to_complex_pairs(x, pairing)
+    np.testing.assert_array_equal(from_complex_pairs(z, pairing), x)
+    cast = from_complex_pairs(z, pairing, np.float32)
+    assert cast.dtype == np.float32
+    np.testing.assert_array_equal(cast, x.astype(np.float32))
+
+
 def test_score_prefers_keys_aligned_with_the_query_centre():
     """A key rotated to meet the mean query at future positions outscores the opposite key."""
     stats = random_stats()

@@ -161,10 +161,14 @@ def to_complex_pairs(x: np.ndarray, pairing: str = "half") -> np.ndarray:
     raise ValueError(f"unknown rope pairing {pairing!r}")
 
 
-def from_complex_pairs(z: np.ndarray, pairing: str = "half") -> np.ndarray:
-    """Inverse of to_complex_pairs: complex D/2 → real D in the given layout."""
+def from_complex_pairs(z: np.ndarray, pairing: str = "half", dtype=None) -> np.ndarray:
+    """Inverse of to_complex_pairs: complex D/2 → real D in the given layout, as `dtype` (default: z's real dtype).
+    Written into one array (a cast on assignment rounds as astype does): concatenating and then casting took ~10x
+    longer for a round's virtual queries of a 36-layer model."""
+    f = z.shape[-1]
+    out = np.empty(z.shape[:-1] + (2 * f,), dtype=z.real.dtype if dtype is None else dtype)
     if pairing == "half":
-        return np.concatenate([z.real, z.imag], axis=-1)
-    out = np.empty(z.shape[:-1] + (2 * z.shape[-1],), dtype=z.real.dtype)
-    out[..., 0::2], out[..., 1::2] = z.real, z.imag
+        out[..., :f], out[..., f:] = z.real, z.imag
+    else:
+        out[..., 0::2], out[..., 1::2] = z.real, z.imag
     return out
