@@ -1,6 +1,7 @@
 #!/bin/bash
 # The ledger model's device run, in one call of the device tool (carry .demo-data, made by scripts/demo_data.py):
-#   TRAIN_MIN=8 SHORT_MIN=3 bash scripts/ledger_device_run.sh  # train (short problems first), export, stats, diagnostics
+#   TRAIN_MIN=8 SHORT_MIN=3 REPEAT=0.5 bash scripts/ledger_device_run.sh  # train (short problems first, repeated
+#                                                            # prose passages), export, stats, diagnostics
 #   INIT=triattn_local/demo/ledger_model TRAIN_MIN=6 ...     # continue from an exported model (warm-up again)
 #   FIDELITY=1 ...                                           # then the fidelity table at ~4x/8x/16x of the mean
 # Returns under $OUT: the weight shards, meta.tar (config, tokenizer, stats, train log, diag.json/.log), fid/.
@@ -8,7 +9,7 @@ set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 R=/tmp/ledger-run M=/tmp/ledger-model
 nvidia-smi --query-gpu=name --format=csv,noheader
-python3 scripts/train_ledger.py --out $R ${INIT:+--init $INIT} --minutes ${TRAIN_MIN:-8} --short-minutes ${SHORT_MIN:-0} \
+python3 scripts/train_ledger.py --out $R ${INIT:+--init $INIT} --minutes ${TRAIN_MIN:-8} --short-minutes ${SHORT_MIN:-0} --repeat ${REPEAT:-0} \
   --total-minutes ${TOTAL_MIN:-${TRAIN_MIN:-8}} --workers ${WORKERS:-8} > /tmp/train.log 2>&1
 tail -3 /tmp/train.log
 python3 scripts/train_ledger.py --out $R --export $M --shard 15MB 2>&1 | tail -1

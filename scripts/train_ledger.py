@@ -11,8 +11,9 @@ Each batch holds ledger problems of similar length (loss on the assistant turn o
 plain prose from the corpus (scripts/demo_data.py; loss on every token). With --short-minutes the run starts on
 short problems (12-16 people, 8-40 trades, little filler): 11.5 H100-minutes on the full range alone (session 7)
 taught the format but not the lookups (the model copied the wrong trades and values), the usual plateau before
-copying heads form, which short sequences shorten. Ledger problems use seeds below 10^9, the held-out ones seeds
-above. The tokenizer is the one in triattn_local/demo/ledger_model.
+copying heads form, which short sequences shorten; --repeat makes some prose rows a passage written twice, whose
+second copy only copying predicts (the usual way to bring induction heads on early). Ledger problems use seeds
+below 10^9, the held-out ones seeds above. The tokenizer is the one in triattn_local/demo/ledger_model.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ PAD, PROSE_SHARE = 8187, 0.25  # <|endoftext|>
 class Batches(torch.utils.data.IterableDataset):
     """Endless batches of (inputs, labels) with about `tokens` tokens each, made in DataLoader workers."""
 
-    def __init__(self, corpus: Path, tokens: int, seed: int, short: bool = False):
-        self.corpus, self.tokens, self.seed, self.short = corpus, tokens, seed, short
+    def __init__(self, corpus: Path, tokens: int, seed: int, short: bool = False, repeat: float = 0.0):
+        self.corpus, self.tokens, self.seed, self.short, self.repeat = corpus, tokens, seed, short, repeat
 
     def __iter__(self):
         from tokenizers import Tokenizer
@@ -81,8 +82,14 @@ class Batches(torch.utils.data.IterableDataset):
             inputs[r, :len(x)] = x
             labels[r, s:len(x)] = x[s:]
         for r in range(rows - n_prose, rows):
-            at = rng.randrange(len(prose) - width)
-            inputs[r] = labels[r] = prose[at:at + width].astype(np.int64)
+            if rng.random() < self.repeat:  # a passage twice: its second copy is predictable only by copying
+                half = width // 2
+                at = rng.randrange(len(prose) - half)
+                inputs[r, :half] = inputs[r, half:2 * half] = prose[at:at + half].astype(np.int64)
+                labels[r, :2 * half] = inputs[r, :2 * half]
+            else:
+                at = rng.randrange(len(prose) - width)
+                inputs[r] = labels[r] = prose[at:at + width].astype(np.int64)
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
@@ -175,6 +182,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--short-minutes", type=float, default=0.0,
                     help="train on short problems (12-16 people, 8-40 trades, little filler) for the first minutes")
+    ap.add_argument("--repeat", type=float, default=0.0,
+                    help="share of the prose rows that hold a passage twice (copying heads learn from the repeat)")
     ap.add_argument("--warmup", type=int, default=300, help="learning-rate warm-up steps of a fresh start")
     ap.add_argument("--small", action="store_true",
                     help="CPU pilot: a tiny model (with --short-minutes: on short problems)")
@@ -205,7 +214,7 @@ def main() -> None:
     seen = 0
     while True:  # one pass per data phase: short problems for the first --short-minutes, then the full range
         short = trained + time.time() - start < short_until
-        batches = Batches(Path(args.corpus), args.tokens_per_batch, seed=step + 1, short=short)
+        batches = Batches(Path(args.corpus), args.tokens_per_batch, seed=step + 1, short=short, repeat=args.repeat)
         data = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
                                            prefetch_factor=4 if args.workers else None, persistent_workers=False)
         print(f"step {step}: {'short' if short else 'full-range'} problems", flush=True)

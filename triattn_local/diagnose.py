@@ -258,16 +258,22 @@ def main() -> None:
     result = diagnose(args.model, problems[:args.problems], [int(b) for b in args.budgets.split(",")], args.next,
                       args.device)
     text = markdown(result)
+    def save() -> None:
+        if args.out:
+            write_atomic(args.out, json.dumps(result, indent=1))
+            write_atomic(Path(args.out).with_suffix(".md"), text)
+
+    print(text, flush=True)  # before the (slow) accuracy run: a run cut short still reports the measures
+    save()
     if args.accuracy:
         acc = greedy_accuracy(args.model, held_out_problems(args.accuracy), args.device)
         result["full_attention"] = acc
         lo, hi = acc["interval95"]
-        text += (f"\nFull attention, greedy: {acc['correct']}/{acc['problems']} = {100 * acc['accuracy']:.1f}% "
-                 f"[95 % interval {100 * lo:.1f}–{100 * hi:.1f}]; traces without any error: {acc['traces_ok']}\n")
-    print(text)
-    if args.out:
-        write_atomic(args.out, json.dumps(result, indent=1))
-        write_atomic(Path(args.out).with_suffix(".md"), text)
+        line = (f"\nFull attention, greedy: {acc['correct']}/{acc['problems']} = {100 * acc['accuracy']:.1f}% "
+                f"[95 % interval {100 * lo:.1f}–{100 * hi:.1f}]; traces without any error: {acc['traces_ok']}\n")
+        print(line)
+        text += line
+        save()
 
 
 if __name__ == "__main__":
