@@ -41,3 +41,30 @@ def test_query_concentration_one_for_fixed_directions_low_for_random():
     assert np.allclose(query_concentration(fixed), 1.0)
     noise = torch.randn(5000, 3, 8, generator=torch.Generator().manual_seed(0))
     assert (query_concentration(noise) < 0.1).all()
+
+
+def test_marked_errors_show_every_token_of_the_reference_and_mark_the_misses(tmp_path):
+    """The teacher-forced error view: with the marks resolved to their expected side it is the reference response's
+    first lines, word for word; an untrained model misses tokens, and each miss is marked."""
+    import random
+    import re
+    import shutil
+    from importlib import resources
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from triattn_local.demo.ledger import make_problem
+    from triattn_local.diagnose import marked_errors
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096)
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path)
+    tokenizer_dir = resources.files("triattn_local") / "demo" / "ledger_model"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(str(tokenizer_dir / name), tmp_path / name)
+    problem = make_problem(random.Random(1), trades=8, people=12, filler_rate=0.0)
+    text, accuracy = marked_errors(str(tmp_path), problem, lines=3)
+    resolved = re.sub(r"\[(.*?)\|.*?\]", r"\1", text, flags=re.S)
+    assert resolved == "".join(problem.response.splitlines(keepends=True)[:3])
+    assert "[" in text and 0.0 <= accuracy < 0.5

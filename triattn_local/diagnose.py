@@ -13,6 +13,7 @@ Also the task's lookup distances (tokens from a trade line back to where each va
 one can see that no recent window holds every fact an answer needs.
 
     python -m triattn_local.diagnose MODEL_DIR --problems 4 --budgets 256,512,1024 --out diag.json
+    python -m triattn_local.diagnose MODEL_DIR --show-errors 8 --max-trades 60   # what a checkpoint gets wrong
 """
 
 from __future__ import annotations
@@ -99,6 +100,28 @@ def layer_measures(attn, start: int, budgets: list[int], next_n: int, kv_heads: 
         for name in kept:
             res[name][B] = float(np.mean(kept[name])) if kept[name] else None
     return res
+
+
+def marked_errors(model_dir: str, problem, lines: int = 8, device: str = "cpu") -> tuple[str, float]:
+    """A solved problem under teacher forcing: the first `lines` lines of the response with every token the model
+    would not predict greedily written [expected|predicted], and the response's token accuracy. Shows at a glance
+    which lookups a checkpoint has learnt (the trade copied from the prompt, a value from the facts, arithmetic)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    ids, start = conversation(tokenizer, problem)
+    with torch.no_grad():
+        predicted = model(input_ids=torch.tensor([ids], device=device)).logits[0].argmax(-1).tolist()
+    right = [predicted[i - 1] == ids[i] for i in range(start, len(ids))]
+    pieces = []
+    for i in range(start, len(ids)):
+        expected = tokenizer.decode([ids[i]])
+        if "".join(pieces).count("\n") >= lines:
+            break
+        pieces.append(expected if right[i - start] else f"[{expected}|{tokenizer.decode([predicted[i - 1]])}]")
+    return "".join(pieces), float(np.mean(right))
 
 
 def query_concentration(queries) -> np.ndarray:
@@ -250,14 +273,22 @@ def main() -> None:
     ap.add_argument("--max-trades", type=int, default=None, help="only problems up to this many trades (CPU)")
     ap.add_argument("--accuracy", type=int, default=0, metavar="N",
                     help="also greedy full-attention accuracy on N held-out problems")
+    ap.add_argument("--show-errors", type=int, default=0, metavar="LINES",
+                    help="only print the first LINES lines of a held-out problem under teacher forcing, each token "
+                         "the model gets wrong as [expected|predicted]")
     ap.add_argument("--out")
     args = ap.parse_args()
     problems = held_out_problems(4 * args.problems + 40)
     if args.max_trades:
         problems = [p for p in problems if len(p.trades) <= args.max_trades]
+    if args.show_errors:
+        text, accuracy = marked_errors(args.model, problems[0], args.show_errors, args.device)
+        print(f"token accuracy of the response under teacher forcing: {accuracy:.4f}\n{text}")
+        return
     result = diagnose(args.model, problems[:args.problems], [int(b) for b in args.budgets.split(",")], args.next,
                       args.device)
     text = markdown(result)
+
     def save() -> None:
         if args.out:
             write_atomic(args.out, json.dumps(result, indent=1))
