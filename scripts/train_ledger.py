@@ -224,7 +224,8 @@ def main() -> None:
                 break
             inputs, labels = inputs.to(args.device, non_blocking=True), labels.to(args.device, non_blocking=True)
             for g in opt.param_groups:
-                g["lr"] = lr_at(elapsed, total, args.lr, step - warm_from, warmup=args.warmup if warm_from == 0 else 100)
+                g["lr"] = lr_at(elapsed, total, args.lr, step - warm_from,
+                                warmup=args.warmup if warm_from == 0 else 100)
             with torch.autocast(args.device, dtype=torch.bfloat16):
                 logits = model(input_ids=inputs).logits
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),

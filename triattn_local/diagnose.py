@@ -87,7 +87,8 @@ def layer_measures(attn, start: int, budgets: list[int], next_n: int, kv_heads: 
             total = future.sum(-1)
             per_kv = future.view(kv_heads, group, r).sum(1)
             masks = {
-                "oracle": torch.zeros(kv_heads, r, dtype=torch.bool, device=attn.device).scatter_(1, per_kv.topk(B, -1).indices, True),
+                "oracle": torch.zeros(kv_heads, r, dtype=torch.bool, device=attn.device).scatter_(
+                    1, per_kv.topk(B, -1).indices, True),
                 "random": torch.zeros(kv_heads, r, dtype=torch.bool, device=attn.device).scatter_(
                     1, torch.stack([torch.from_numpy(rng.choice(r, B, replace=False)) for _ in range(kv_heads)]).to(
                         attn.device), True),
