@@ -203,7 +203,8 @@ def sample_on_device(logits, params: SamplingParams, generator=None, uniforms=No
     cumulative = torch.cumsum(probs, dim=-1)
     target = (uniforms.to(cumulative.dtype) * cumulative[..., -1]).unsqueeze(-1)
     choice = torch.searchsorted(cumulative, target, right=True)  # the first token whose cumulative mass exceeds it
-    last = torch.searchsorted(cumulative, cumulative[..., -1:])  # where the total is reached: a token with mass
+    total = cumulative[..., -1:].contiguous()  # contiguous: searchsorted warns (and copies) otherwise
+    last = torch.searchsorted(cumulative, total)  # where the total is reached: a token with mass
     choice = torch.minimum(choice, last)  # u·total rounded up onto the very end
     if order is not None:
         choice = order.gather(-1, choice)
