@@ -11,7 +11,7 @@ R=/tmp/ledger-run M=/tmp/ledger-model
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 scripts/train_ledger.py --out $R ${INIT:+--init $INIT} --minutes ${TRAIN_MIN:-8} \
   --short-minutes ${SHORT_MIN:-0} --repeat ${REPEAT:-0} --total-minutes ${TOTAL_MIN:-${TRAIN_MIN:-8}} --workers ${WORKERS:-8} > /tmp/train.log 2>&1
-tail -3 /tmp/train.log
+grep -E "step [0-9]*(00|50) |short|full|stopped|param" /tmp/train.log | tail -40
 python3 scripts/train_ledger.py --out $R --export $M --shard 15MB 2>&1 | tail -1
 cp /tmp/train.log $M/
 python3 -m triattn_local.demo.ledger --calibration 8 > /tmp/cal.txt

@@ -11,8 +11,10 @@ Each batch holds ledger problems of similar length (loss on the assistant turn o
 plain prose from the corpus (scripts/demo_data.py; loss on every token). With --short-minutes the run starts on
 short problems (12-16 people, 8-40 trades, little filler): 11.5 H100-minutes on the full range alone (session 7)
 taught the format but not the lookups (the model copied the wrong trades and values), the usual plateau before
-copying heads form, which short sequences shorten; --repeat makes some prose rows a passage written twice, whose
-second copy only copying predicts (the usual way to bring induction heads on early). Ledger problems use seeds
+copying heads form, which short sequences shorten. That model could not copy at all: a random token sequence
+written twice was no better predicted the second time. --repeat makes some prose rows start with a random sequence
+written twice, which only copying predicts (the usual way to bring induction heads on early; a repeated passage
+of the corpus would not do, as the corpus is learnt by heart within minutes). Ledger problems use seeds
 below 10^9, the held-out ones seeds above. The tokenizer is the one in triattn_local/demo/ledger_model.
 """
 
@@ -81,21 +83,45 @@ class Batches(torch.utils.data.IterableDataset):
             x, s = full[r % len(full)], starts[r % len(full)]
             inputs[r, :len(x)] = x
             labels[r, s:len(x)] = x[s:]
+        kinds = np.zeros(rows, np.int64)  # 0 ledger, 1 prose, 2 copy
         for r in range(rows - n_prose, rows):
-            if rng.random() < self.repeat:  # a passage twice: its second copy is predictable only by copying
-                half = width // 2
-                at = rng.randrange(len(prose) - half)
-                inputs[r, :half] = inputs[r, half:2 * half] = prose[at:at + half].astype(np.int64)
-                labels[r, :2 * half] = inputs[r, :2 * half]
-            else:
-                at = rng.randrange(len(prose) - width)
-                inputs[r] = labels[r] = prose[at:at + width].astype(np.int64)
-        return torch.from_numpy(inputs), torch.from_numpy(labels)
+            at = rng.randrange(len(prose) - width)
+            inputs[r] = labels[r] = prose[at:at + width].astype(np.int64)
+            kinds[r] = 1
+            if rng.random() < self.repeat:
+                copy_row(rng, inputs[r], labels[r])
+                kinds[r] = 2
+        return torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(kinds)
+
+
+# A copy row's alphabets: ordinary tokens (one token finds its place), or digits, '.' and ' ' (as in "14. Alden"),
+# where only a match over several tokens does, as a trade number's lookup needs.
+WORD_IDS = range(256, 8187)
+DIGIT_IDS = list(range(15, 25)) + [13, 220]
+
+
+def copy_row(rng: random.Random, inputs: np.ndarray, labels: np.ndarray) -> None:
+    """Turn a prose row's start into a random sequence written twice, loss on the second copy only. The corpus is
+    small and learnt by heart within minutes, so a repeated passage of it can be predicted from memory; a random
+    sequence only by copying, which is the skill the ledger's lookups need."""
+    n = rng.randint(min(32, len(inputs) // 2), len(inputs) // 2)
+    alphabet = WORD_IDS if rng.random() < 0.5 else DIGIT_IDS
+    seq = np.asarray([rng.choice(alphabet) for _ in range(n)], np.int64)
+    inputs[:n] = inputs[n:2 * n] = seq
+    labels[:n + 1] = -100  # the first copy, and the second's first token, cannot be predicted
+    labels[n + 1:2 * n] = seq[1:]
 
 
 def prose_rows(rows: int) -> int:
     """How many of a batch's rows are prose (the last ones): a quarter, none in batches of fewer than 4 rows."""
     return int(rows * PROSE_SHARE) if rows >= 4 else 0
+
+
+def accuracy(right: torch.Tensor, scored: torch.Tensor, rows: torch.Tensor) -> float:
+    """Token accuracy over the scored labels of some rows (nan when there are none)."""
+    rows = rows.to(right.device)
+    total = (scored & rows[:, None]).sum().item()
+    return (right & scored & rows[:, None]).sum().item() / total if total else float("nan")
 
 
 def prose_ids_path(corpus: Path) -> Path:
@@ -183,7 +209,7 @@ def main() -> None:
     ap.add_argument("--short-minutes", type=float, default=0.0,
                     help="train on short problems (12-16 people, 8-40 trades, little filler) for the first minutes")
     ap.add_argument("--repeat", type=float, default=0.0,
-                    help="share of the prose rows that hold a passage twice (copying heads learn from the repeat)")
+                    help="share of the prose rows that start with a random sequence written twice (copying heads learn from it)")
     ap.add_argument("--warmup", type=int, default=300, help="learning-rate warm-up steps of a fresh start")
     ap.add_argument("--small", action="store_true",
                     help="CPU pilot: a tiny model (with --short-minutes: on short problems)")
@@ -218,7 +244,7 @@ def main() -> None:
         data = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
                                            prefetch_factor=4 if args.workers else None, persistent_workers=False)
         print(f"step {step}: {'short' if short else 'full-range'} problems", flush=True)
-        for inputs, labels in data:
+        for inputs, labels, kinds in data:
             elapsed = trained + time.time() - start
             if time.time() - start > args.minutes * 60 or elapsed > total or (short and elapsed >= short_until):
                 break
@@ -239,11 +265,11 @@ def main() -> None:
             if step % 50 == 0 or (args.small and step % 10 == 0):
                 with torch.no_grad():
                     pred = logits[:, :-1].argmax(-1)
-                    task = labels[:, 1:] != -100
-                    task[len(task) - prose_rows(len(task)):] = False  # prose rows at the end
-                    wrong = ((pred != labels[:, 1:]) & task).sum(1)
-                    tok_acc = 1 - wrong.sum().item() / max(1, task.sum().item())
-                print(f"step {step} loss {loss.item():.4f} task token-acc {tok_acc:.5f} width {inputs.shape[1]} "
+                    right = pred == labels[:, 1:]
+                    scored = labels[:, 1:] != -100
+                    tok_acc, copy_acc = (accuracy(right, scored, kinds == kind) for kind in (0, 2))
+                print(f"step {step} loss {loss.item():.4f} task token-acc {tok_acc:.5f} copy-acc {copy_acc:.3f} "
+                      f"width {inputs.shape[1]} "
                       f"lr {opt.param_groups[0]['lr']:.2e} t {elapsed:.0f}s {seen / (time.time() - start) / 1e3:.0f}k "
                       "tok/s", flush=True)
             if time.time() - last_save > 60:

@@ -144,3 +144,29 @@ def test_eval_batches_hold_one_prompt_length_and_every_problem(problems):
     solved = [p for b in batches for _, p in b]
     assert sorted((p.asked, p.answer, tuple(p.trades)) for p in solved) == \
         sorted((p.asked, p.answer, tuple(p.trades)) for p in problems[:12])
+
+
+def test_copy_rows_repeat_a_random_sequence_and_score_only_its_second_copy():
+    """train_ledger --repeat: a prose row's start becomes a random sequence written twice, with labels on the second
+    copy alone (its first token excepted), so only copying lowers the loss there."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_ledger.py"
+    spec = importlib.util.spec_from_file_location("train_ledger", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    rng = random.Random(3)
+    alphabets = set()
+    for _ in range(20):
+        prose = np.arange(1000, 1400, dtype=np.int64)
+        inputs, labels = prose.copy(), prose.copy()
+        train.copy_row(rng, inputs, labels)
+        n = int((labels[1:] == -100).sum())  # the first copy and the second's first token
+        assert 32 <= n <= 200 and np.array_equal(inputs[:n], inputs[n:2 * n])
+        assert np.all(labels[:n + 1] == -100) and np.array_equal(labels[n + 1:2 * n], inputs[n + 1:2 * n])
+        assert np.array_equal(inputs[2 * n:], prose[2 * n:]) and np.array_equal(labels[2 * n:], prose[2 * n:])
+        digits = set(inputs[:n].tolist()) <= set(train.DIGIT_IDS)
+        assert digits or set(inputs[:n].tolist()) <= set(train.WORD_IDS)
+        alphabets.add(digits)
+    assert alphabets == {True, False}  # both kinds of sequence are drawn
