@@ -10,7 +10,7 @@ server's (serve/scheduler.py BatchedScheduler): each turn one prefill chunk of t
 prompt, then one batched decode step for all the others, with each stream's own compression rounds and on-device
 sampling (temperature 0.6, top-p 0.95). A configuration stops after --seconds. Reported: streams admitted (what the
 memory cap holds), aggregate and per-stream tok/s, time to first token p50/p95 (waiting for a row included), the
-share of decode time spent in compression rounds, and, with --probe, the first-token time of one more --prompt-token
+share of decode time spent in compression rounds (their device time; and the host's time queuing them), and, with --probe, the first-token time of one more --prompt-token
 request arriving while the others decode. `--step-rate` also times the bare decode step at one stream, and
 `--single TOKENS` one stream end to end through Session.generate (what `triattn run` runs, default sampling) beside
 `triattn bench`'s step rate for the same settings, and `--round-profile` where a compression round's time goes
@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triattn_local.backends.torch.bench import SHAPES, random_static_model  # noqa: E402
+from triattn_local.backends.torch.static_runner import StaticRunner  # noqa: E402
 from triattn_local.backends.torch.row_batch import RowBatch, row_bytes, rows_that_fit  # noqa: E402
 from triattn_local.continuous import ContinuousBatch  # noqa: E402
 from triattn_local.engine import CompressionSettings, Engine, Session, TokenEvent  # noqa: E402
@@ -92,43 +93,56 @@ def synthetic_stats(shape: ModelShape) -> QueryStats:
 
 
 class RoundTimer:
-    """Wall time of the compression rounds (Session._compress) run while `active` (inside decode steps),
-    synchronised on a GPU."""
+    """The compression rounds queued while `active` (StaticRunner.compress_start, inside decode steps): the host's
+    seconds spent queuing them (not synchronised: what the host loses) and, on a GPU, the device's seconds between
+    CUDA events around each (what they add to the decode while the device is the bottleneck, as it is here). On a
+    CPU both are the same wall time."""
 
     def __init__(self, device: str):
-        self.seconds, self.count = 0.0, 0
+        self.host_seconds, self.count = 0.0, 0
+        self.events: list = []  # (start, end) CUDA events of each round
         self.active = False
         self.profile_round: int | None = None  # the count at which one round runs under torch.profiler instead
         self.profile_table = ""
-        original = Session._compress
+        self.cuda = device == "cuda"
+        original = StaticRunner.compress_start
 
-        def timed(session):
+        def timed(runner, states, scorer):
             if not self.active:
-                return original(session)
+                return original(runner, states, scorer)
             if self.profile_round == self.count + 1:
-                return self._profiled(original, session)
-            if device == "cuda":
-                torch.cuda.synchronize()
+                return self._profiled(original, runner, states, scorer)
+            start = torch.cuda.Event(enable_timing=True) if self.cuda else None
+            if start is not None:
+                start.record()
             t0 = time.perf_counter()
-            out = original(session)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - t0
+            out = original(runner, states, scorer)
+            self.host_seconds += time.perf_counter() - t0
+            if start is not None:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.events.append((start, end))
             self.count += 1
             return out
 
-        Session._compress = timed
-        self.device = device
+        StaticRunner.compress_start = timed
 
-    def _profiled(self, original, session):
+    def device_seconds(self) -> float:
+        """The rounds' device time so far (waits for the device)."""
+        if not self.cuda:
+            return self.host_seconds
+        torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.events) / 1e3
+
+    def _profiled(self, original, *args):
         from torch.profiler import ProfilerActivity, profile
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
-        if self.device == "cuda":
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        if self.cuda:
             torch.cuda.synchronize()
         with profile(activities=activities) as prof:
-            out = original(session)
-            if self.device == "cuda":
+            out = original(*args)
+            if self.cuda:
                 torch.cuda.synchronize()
         self.profile_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
         self.profile_round = None
@@ -143,7 +157,7 @@ def round_profile(engine: ShapeEngine, args, timer: RoundTimer, rounds: int = 8)
     prompt = [int(x) for x in np.random.default_rng(0).integers(0, 500, size=args.prompt)]
     tokens = max(0, policy.capacity - args.prompt) + (rounds + 1) * args.divide_length + 1
     params = SamplingParams(max_tokens=tokens, temperature=0.6, top_p=0.95, seed=1)
-    count0, seconds0 = timer.count, timer.seconds
+    count0, host0, device0 = timer.count, timer.host_seconds, timer.device_seconds()
     timer.profile_round, timer.profile_table = count0 + rounds + 1, ""
     timer.active = True
     try:
@@ -156,7 +170,8 @@ def round_profile(engine: ShapeEngine, args, timer: RoundTimer, rounds: int = 8)
     print(timer.profile_table, file=sys.stderr)
     timed = timer.count - count0
     return dict(kind="round_profile", rounds=timed, profiled=bool(timer.profile_table),
-                ms_per_round=round(1e3 * (timer.seconds - seconds0) / timed, 3) if timed else None,
+                ms_per_round=round(1e3 * (timer.device_seconds() - device0) / timed, 3) if timed else None,
+                host_ms_per_round=round(1e3 * (timer.host_seconds - host0) / timed, 3) if timed else None,
                 capacity=policy.capacity, layers=engine.shape.num_layers)
 
 
@@ -181,7 +196,7 @@ def run_config(engine: ShapeEngine, method: str, streams: int, kv_gib: float, ar
     first: dict[int, float] = {}
     tokens = [0] * streams
     probe = {"arrive": None, "first": None, "seq": None}
-    rounds0, round_s0 = timer.count, timer.seconds
+    rounds0, host0, device0 = timer.count, timer.host_seconds, timer.device_seconds()
     decode_s, steps, lanes = 0.0, 0, []
     t0 = time.perf_counter()
     while (queue or live) and time.perf_counter() - t0 < args.seconds:
@@ -239,7 +254,8 @@ def run_config(engine: ShapeEngine, method: str, streams: int, kv_gib: float, ar
                 ttft_p95_s=round(float(np.quantile(ttft, 0.95)), 3) if ttft.size else None,
                 streams_started=len(started), mean_lanes=round(float(np.mean(lanes)), 1) if lanes else 0,
                 rounds=timer.count - rounds0,
-                round_share_of_decode=round((timer.seconds - round_s0) / decode_s, 4) if decode_s else None,
+                round_share_of_decode=round((timer.device_seconds() - device0) / decode_s, 4) if decode_s else None,
+                round_host_share=round((timer.host_seconds - host0) / decode_s, 4) if decode_s else None,
                 probe_ttft_s=None if probe["first"] is None else round(probe["first"] - probe["arrive"], 3))
 
 

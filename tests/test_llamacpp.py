@@ -152,7 +152,7 @@ def test_rounds_keep_the_positions_torch_keeps_and_cells_stay_within_b_plus_n(de
 
     def prepare(session):
         after_forward(watch)(session)
-        compress = session._compress
+        compress = session._compress_on_host
 
         def compared():
             keys = session.runner.read_keys().keys
@@ -164,7 +164,7 @@ def test_rounds_keep_the_positions_torch_keeps_and_cells_stay_within_b_plus_n(de
             checked.append(event.record.kept == torch_choice.kept)
             return event
 
-        session._compress = compared
+        session._compress_on_host = compared
 
     prompt = engine.encode_prompt(p.prompt)
     ours, rounds, _, done, session = generate(engine, prompt, CompressionSettings(policy, stats=STATS), 200, prepare)

@@ -127,6 +127,31 @@ def test_batched_rounds_on_the_device_equal_the_host_plan(mode, tiny_model_facto
     assert all(np.array_equal(s.positions, h.positions) for s, h in zip(states, host))
 
 
+def test_a_session_round_can_be_recorded_after_the_next_step_is_queued(tiny_model_factory):
+    """Session.appended_later (the batched server's form): the round's compaction is queued at once (the cache holds
+    the budget, so the next step can be launched), its record waits for the function returned, and both give what
+    appended gives in one go."""
+    from triattn_local.engine import CompressionSettings
+
+    engine = TorchEngine(str(tiny_model_factory("qwen3")), device=DEVICE, dtype="float32", static_cache=True)
+    policy = BudgetPolicy(40, 16, 8, 2)
+    settings = CompressionSettings(policy, stats=synthetic_stats(engine.shape))
+    prompt = [int(x) for x in np.random.default_rng(2).integers(5, 300, size=policy.capacity)]
+    now, later = engine.session(settings), engine.session(settings)
+    for session in (now, later):
+        session.runner.forward(prompt, 0)
+    events_now = now.appended(policy.capacity)
+    finish = later.appended_later(policy.capacity)
+    assert later.runner.runner.length == policy.budget and later.state.rounds == 0  # compacted, not yet recorded
+    events_later = finish()
+    assert later.state.rounds == 1 and len(events_now) == len(events_later) == 1
+    assert events_later[0].record.kept == events_now[0].record.kept
+    assert np.array_equal(later.state.positions, now.state.positions)
+    assert torch.equal(later.runner.runner.model.k_cache[..., :policy.budget, :],
+                       now.runner.runner.model.k_cache[..., :policy.budget, :])
+    assert later.appended_later(1)() == []  # no round due: nothing to record
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="on the GPU every test above already runs the kernels")
 @pytest.mark.parametrize("arch,mode", [("qwen3", "per_head"), ("llama", "per_layer_head")])
 def test_the_kernel_path_keeps_what_the_transformers_path_keeps(arch, mode, tiny_model_factory, monkeypatch):

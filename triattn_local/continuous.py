@@ -122,7 +122,7 @@ class ContinuousBatch:
         flight, logits = self.in_flight
         self.in_flight = None
         live = [(i, s) for i, s in enumerate(flight) if s.decoding and not s.done]  # not cancelled meanwhile
-        out: dict[BatchedSequence, list[Event]] = {s: list(s.session.appended(1)) for _, s in live}  # rounds
+        rounds = [(s, s.session.appended_later(1)) for _, s in live]  # their device work queued behind the step
         ids = draw_many([s.stream.sampler for _, s in live], logits, [i for i, _ in live])  # one transfer
         going = [(s, t) for (_, s), t in zip(live, ids)
                  if t not in s.stream.eos and len(s.stream.tokens) + 1 < s.stream.params.max_tokens]
@@ -130,6 +130,7 @@ class ContinuousBatch:
         joined = [(s, s.stream.tokens[-1]) for s in ready if s not in flying]  # their prefill just ended
         if going or joined:
             self._launch([s for s, _ in going + joined], [t for _, t in going + joined])
+        out: dict[BatchedSequence, list[Event]] = {s: finish() for s, finish in rounds}  # recorded, the step launched
         for (_, seq), token in zip(live, ids):
             out[seq] += seq.stream.accept(token)
             seq.decoding = not seq.done

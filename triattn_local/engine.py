@@ -15,7 +15,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -150,11 +150,12 @@ class SequenceRunner:
     def compact(self, keep: np.ndarray) -> None:
         self.runner.compact(keep[None])
 
-    def compress(self, state: CompressionState, scorer: KeyScorer) -> RoundRecord | None:
+    def compress_start(self, state: CompressionState, scorer: KeyScorer):
         """A whole round planned by the runner on its device where it can (the static runner: scores, selection
-        and compaction on the GPU, only the kept indices to the host); None where the host plans it."""
-        compress = getattr(self.runner, "compress", None)
-        return None if compress is None else compress([state], scorer)[0]
+        and compaction on the GPU, only the kept indices to the host): its pending round, whose finish() gives the
+        [RoundRecord]; None where the host plans it."""
+        start = getattr(self.runner, "compress_start", None)
+        return None if start is None else start([state], scorer)
 
     def reset(self) -> None:
         self.runner.reset()
@@ -361,15 +362,28 @@ class Session:
                 yield PREFILL_CHUNK
         yield logits
 
-    def appended(self, n: int) -> Iterator[CompressionEvent]:
+    def appended(self, n: int) -> list[CompressionEvent]:
         """Bookkeeping after the runner appended n tokens to this session's cache (here, or in a batched decode
         step of the server): positions, the peak, and a compression round when the policy asks for one."""
+        return self.appended_later(n)()
+
+    def appended_later(self, n: int) -> Callable[[], list[CompressionEvent]]:
+        """appended, with a round's device work queued now and its bookkeeping in the function returned. The batched
+        server calls that after launching its next step, so the host neither waits for the round's device work nor
+        for the step ahead of it: the round costs the device's time alone."""
         self.logical += n
         self.peak = max(self.peak, self.logical)
-        if self.state is not None:
-            self.state.appended(n)
-            if self.state.needs_compression():
-                yield self._compress()
+        if self.state is None:
+            return list
+        self.state.appended(n)
+        if not self.state.needs_compression():
+            return list
+        start = getattr(self.runner, "compress_start", None)  # a runner written to the older protocol has none
+        pending = None if start is None else start(self.state, self.scorer)
+        if pending is None:
+            event = self._compress_on_host()
+            return lambda: [event]
+        return lambda: [CompressionEvent(pending.finish()[0], self.metrics())]
 
     def prefill(self, prompt_ids: list[int], set_prompt: bool = True,
                 cuts: tuple[int, ...] = ()) -> Iterator[Event | object]:
@@ -381,13 +395,11 @@ class Session:
         keep_logits_on_device(self.runner)
         yield from self._feed(list(prompt_ids), cuts)
 
-    def _compress(self) -> CompressionEvent:
-        compress = getattr(self.runner, "compress", None)  # a runner written to the older protocol has none
-        record = None if compress is None else compress(self.state, self.scorer)
-        if record is None:
-            scores = self.runner.head_scores(self.scorer, self.state.round_start)
-            keep, record = self.state.plan(scores)
-            self.runner.compact(keep)
+    def _compress_on_host(self) -> CompressionEvent:
+        """A round planned on the host: the runner's scores, the policy's choice, the runner's compaction."""
+        scores = self.runner.head_scores(self.scorer, self.state.round_start)
+        keep, record = self.state.plan(scores)
+        self.runner.compact(keep)
         return CompressionEvent(record, self.metrics())
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, set_prompt: bool = True,

@@ -151,6 +151,13 @@ class StaticRunner:
     def compress(self, states: list, scorer: TriAttentionScorer) -> list:
         """One round for every row, decided on the device (plan.py, the policy's torch form); only the kept
         indices go to the host, where each row's CompressionState records the round. Returns the RoundRecords."""
+        return self.compress_start(states, scorer).finish()
+
+    @torch.inference_mode()
+    def compress_start(self, states: list, scorer: TriAttentionScorer) -> "PendingRound":
+        """compress, with the host left free: the round's device work (scores, plan, compaction) is queued and the
+        kept indices start on their way to the host; PendingRound.finish() records the round. The runner's length
+        is the kept count already, so the next step can be launched before finish()."""
         first = states[0]
         policy = first.policy
         scores = self._scores(scorer, first.round_start)
@@ -158,7 +165,7 @@ class StaticRunner:
         keep_rows = plan_keep_rows(policy, scores, positions, scorer.group_size, first.group_aggregation,
                                    first.next_position, first.prompt_len)
         self.compact(expand_keep(keep_rows, self.model.num_layers, self.model.kv_heads, policy.pruning_mode))
-        return [state.record_round(rows) for state, rows in zip(states, keep_rows.cpu().numpy())]
+        return PendingRound(states, keep_rows)
 
     @torch.inference_mode()
     def save(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,3 +190,25 @@ class StaticRunner:
         self._ensure_batch(len(rows))  # a new graph for the smaller batch
         self.model.k_cache.copy_(k)
         self.model.v_cache.copy_(v)
+
+
+class PendingRound:
+    """A round whose device work is queued: its kept indices [B, rows, K] are copied to pinned host memory behind
+    it, and finish() waits for that copy alone, then has each row's CompressionState record the round. Until then
+    the states still hold the positions from before the round, so nothing may read them in between."""
+
+    def __init__(self, states: list, keep_rows: torch.Tensor):
+        self.states = states
+        self.ready = None
+        if keep_rows.is_cuda:
+            self.keep = torch.empty(keep_rows.shape, dtype=keep_rows.dtype, pin_memory=True)
+            self.keep.copy_(keep_rows, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.keep = keep_rows
+
+    def finish(self) -> list:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [state.record_round(rows) for state, rows in zip(self.states, self.keep.numpy())]
