@@ -11,11 +11,11 @@ prompt, then one batched decode step for all the others, with each stream's own 
 sampling (temperature 0.6, top-p 0.95). A configuration stops after --seconds. Reported: streams admitted (what the
 memory cap holds), aggregate and per-stream tok/s, time to first token p50/p95 (waiting for a row included), the
 share of decode time spent in compression rounds (their device time, and the host's time queuing them) and, with
---probe, the first-token time of one more --prompt-token request arriving while the others decode. `--step-rate` also times the bare decode step at one stream, and
-`--single TOKENS` one stream end to end through Session.generate (what `triattn run` runs, default sampling) beside
-`triattn bench`'s step rate for the same settings, and `--round-profile` where a compression round's time goes
-(one stream's rounds timed, one more under torch.profiler). Prints a JSON line per configuration (and to --out if
-given).
+--probe, the first-token time of one more --prompt-token request arriving while the others decode. `--step-rate`
+also times the bare decode step at one stream, `--single TOKENS` one stream end to end through Session.generate
+(what `triattn run` runs, default sampling) beside `triattn bench`'s step rate for the same settings, and
+`--round-profile` where a compression round's time goes (one stream's rounds timed, one more under
+torch.profiler). Prints a JSON line per configuration (and to --out if given).
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("--short-minutes", type=float, default=0.0,
                     help="train on short problems (12-16 people, 8-40 trades, little filler) for the first minutes")
     ap.add_argument("--repeat", type=float, default=0.0,
-                    help="share of the prose rows that start with a random sequence written twice (copying is learnt there)")
+                    help="share of prose rows that open with a random sequence written twice (copying is learnt there)")
     ap.add_argument("--warmup", type=int, default=300, help="learning-rate warm-up steps of a fresh start")
     ap.add_argument("--small", action="store_true",
                     help="CPU pilot: a tiny model (with --short-minutes: on short problems)")
