@@ -68,3 +68,26 @@ def test_marked_errors_show_every_token_of_the_reference_and_mark_the_misses(tmp
     resolved = re.sub(r"\[(.*?)\|.*?\]", r"\1", text, flags=re.S)
     assert resolved == "".join(problem.response.splitlines(keepends=True)[:3])
     assert "[" in text and 0.0 <= accuracy < 0.5
+
+
+def test_copying_tells_a_model_that_copies_from_one_that_does_not():
+    """The copying measure: a perfect copier (it predicts the token one period back, once there is one) gets the
+    second copy right and the first wrong; a model that ignores the context gets neither."""
+    from triattn_local.diagnose import copying
+
+    vocab = 500
+
+    def copier(ids):
+        logits = np.zeros((len(ids), vocab))
+        period = len(ids) // 2
+        for i in range(period - 1, len(ids) - 1):
+            logits[i, ids[i + 1 - period]] = 20.0
+        return logits
+
+    def unigram(ids):
+        return np.tile(np.linspace(0, 1, vocab), (len(ids), 1))
+
+    c = copying(copier, range(10, vocab), length=100, trials=2)
+    assert c["second_copy_accuracy"] > 0.95 and c["second_copy_nll"] < 0.5 < 5 < c["first_copy_nll"]
+    u = copying(unigram, range(10, vocab), length=100, trials=2)
+    assert u["second_copy_accuracy"] < 0.05 and abs(u["second_copy_nll"] - u["first_copy_nll"]) < 0.2

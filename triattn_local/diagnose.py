@@ -125,6 +125,42 @@ def marked_errors(model_dir: str, problem, lines: int = 8, device: str = "cpu") 
     return "".join(pieces), float(np.mean(right))
 
 
+def copying(logits_of, vocab: range, length: int = 200, trials: int = 4, seed: int = 0) -> dict:
+    """Can the model copy? A random sequence of `length` tokens drawn from `vocab`, written twice: mean loss (nats)
+    and greedy accuracy on each copy. Only copying predicts the second copy, so a model whose second-copy loss is no
+    lower than its first has no induction heads, and cannot look a trade up in the prompt. logits_of: token ids
+    [T] → logits [T, vocab size] (numpy)."""
+    rng = np.random.default_rng(seed)
+    first, second, right = [], [], []
+    for _ in range(trials):
+        seq = rng.integers(vocab.start, vocab.stop, size=length)
+        ids = np.concatenate([seq, seq])
+        logits = np.asarray(logits_of(ids), dtype=np.float64)[:-1]
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll = -logp[np.arange(len(ids) - 1), ids[1:]]  # nll[i]: token i + 1
+        first.append(nll[:length - 1].mean())
+        second.append(nll[length:].mean())  # the second copy's tokens after its first
+        right.append((logits.argmax(-1)[length:] == ids[length + 1:]).mean())
+    return {"length": length, "trials": trials, "first_copy_nll": float(np.mean(first)),
+            "second_copy_nll": float(np.mean(second)), "second_copy_accuracy": float(np.mean(right))}
+
+
+def model_copying(model_dir: str, device: str = "cpu") -> dict:
+    """copying() for a model directory, over its ordinary tokens (byte tokens and special tokens left out)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    vocab = model.config.vocab_size
+
+    def logits_of(ids):
+        with torch.no_grad():
+            return model(input_ids=torch.as_tensor(ids, device=device)[None]).logits[0].float().cpu().numpy()
+
+    return copying(logits_of, range(min(256, vocab // 4), vocab - 16))
+
+
 def query_concentration(queries) -> np.ndarray:
     """Per head mean resultant length of pre-RoPE queries [N, H, D] (rotate-half pairs f and f + D/2)."""
     q = queries.double()
@@ -277,8 +313,16 @@ def main() -> None:
     ap.add_argument("--show-errors", type=int, default=0, metavar="LINES",
                     help="only print the first LINES lines of a held-out problem under teacher forcing, each token "
                          "the model gets wrong as [expected|predicted]")
+    ap.add_argument("--copying", action="store_true",
+                    help="only print how well the model copies a random sequence written twice (loss on each copy)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.copying:
+        c = model_copying(args.model, args.device)
+        print(f"a random {c['length']}-token sequence written twice ({c['trials']} trials): loss "
+              f"{c['first_copy_nll']:.2f} nats on the first copy, {c['second_copy_nll']:.2f} on the second; "
+              f"second copy greedy accuracy {c['second_copy_accuracy']:.3f}")
+        return
     problems = held_out_problems(4 * args.problems + 40)
     if args.max_trades:
         problems = [p for p in problems if len(p.trades) <= args.max_trades]
