@@ -18,6 +18,17 @@ from .plan import expand_keep, plan_keep_rows
 from .static_model import GraphedDecodeStep, StaticKVModel
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device without holding the host: on CUDA through pinned memory, asynchronously. A copy
+    from ordinary (pageable) memory waits for the work queued ahead of it, so inside a round queued behind a decode
+    step it held the host for the rest of that step (H100, session 8: 7.75 ms of host time a round for 0.68 ms of
+    device work)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class StaticRunner:
     """capacity: the most slots the cache will hold (TriAttention's B + N), allocated once and never exceeded. None
     when that is not known up front (full attention): the cache starts at initial_capacity slots (doubled until the
@@ -122,8 +133,8 @@ class StaticRunner:
         layers = self.model.num_layers
         if self.use_kernels:
             keys = self.model.k_cache[:, :, :, : self.length].flatten(0, 1)  # [L·B, Hkv, T, D], a view
-            scores = kernels.score_keys(keys, torch.from_numpy(rq.virtual_query), torch.from_numpy(rq.magnitude_weight),
-                                        scorer.pairing)
+            scores = kernels.score_keys(keys, to_device(rq.virtual_query, self.device),
+                                        to_device(rq.magnitude_weight, self.device), scorer.pairing)
             return scores.unflatten(0, (layers, -1)).transpose(0, 1)
         return torch.stack([score_keys_torch(self.keys(i), rq.virtual_query[i], rq.magnitude_weight[i], scorer.pairing)
                             for i in range(layers)], dim=1)
@@ -161,7 +172,7 @@ class StaticRunner:
         first = states[0]
         policy = first.policy
         scores = self._scores(scorer, first.round_start)
-        positions = torch.as_tensor(np.stack([s.row_positions() for s in states]), device=self.device)
+        positions = to_device(np.stack([s.row_positions() for s in states]), self.device)
         keep_rows = plan_keep_rows(policy, scores, positions, scorer.group_size, first.group_aggregation,
                                    first.next_position, first.prompt_len)
         self.compact(expand_keep(keep_rows, self.model.num_layers, self.model.kv_heads, policy.pruning_mode))
