@@ -122,6 +122,8 @@ class ModelRunner(Protocol):
     # forward may return a torch tensor on the GPU or an MLX array instead of a numpy array.
     # Optional (prefix reuse in the server): save() → a copy of a batch of one's cache, or None where this runner
     # cannot copy it; load(saved) → make this runner's cache a copy of a saved one (the saved copy stays intact).
+    # Optional (a round planned on the device): compress_start(states, scorer) → a pending round whose finish()
+    # returns each row's RoundRecord; the cache is compacted (or queued to be) when it returns.
 
 
 def keep_logits_on_device(runner) -> None:
