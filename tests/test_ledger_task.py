@@ -170,3 +170,9 @@ def test_copy_rows_repeat_a_random_sequence_and_score_only_its_second_copy():
         assert digits or set(inputs[:n].tolist()) <= set(train.WORD_IDS)
         alphabets.add(digits)
     assert alphabets == {True, False}  # both kinds of sequence are drawn
+    from tokenizers import Tokenizer  # the alphabets' ids are the ledger tokenizer's digits, '.' and ' '
+
+    tok = Tokenizer.from_file(str(train.MODEL_DIR / "tokenizer.json"))
+    assert [tok.decode([i]) for i in train.DIGIT_IDS] == list("0123456789. ")
+    assert len(tok.id_to_token(train.WORD_IDS.start)) > 1  # merged tokens from here on, single bytes below
+    assert train.WORD_IDS.stop == train.PAD and tok.id_to_token(train.PAD) == "<|endoftext|>"  # specials after
